@@ -1,0 +1,85 @@
+"""Configuration -> Ray Serve application: one gateway ingress plus one ModelServer per model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import ModelConfig, ServingConfig
+from serving.engine.remote import RemoteEngine
+from serving.engine.server import ModelServer
+
+APP_NAME = "serving"
+
+
+@serve.ingress()
+class Gateway:
+    """The ingress deployment; the FastAPI app is built in the replica by create_app."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]):
+        self.config = ServingConfig.model_validate(config)
+        self.engines = {name: RemoteEngine(handle) for name, handle in models.items()}
+
+    def __serve_build_asgi_app__(self):
+        from serving.gateway.app import create_app
+
+        return create_app(self.config, self.engines)
+
+
+def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Ray Serve options of a model's deployment (also what the Helm chart's serveConfigV2 holds)."""
+    actor: dict[str, Any] = {"num_cpus": model.resources.cpus, "num_gpus": model.resources.gpus}
+    if model.resources.accelerator_type:
+        actor["accelerator_type"] = model.resources.accelerator_type
+    if model.resources.memory_gib:
+        actor["memory"] = int(model.resources.memory_gib * 2**30)
+    if model.env:
+        actor["runtime_env"] = {"env_vars": dict(model.env)}
+    options: dict[str, Any] = {
+        "name": model.deployment_name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": model.max_ongoing_requests,
+        # loading weights and warming up vLLM takes minutes on big models
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 60,
+    }
+    if model.autoscaling:
+        options["autoscaling_config"] = model.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = model.replicas
+    return options
+
+
+def build_app(config: ServingConfig, *, engine: str = "vllm", fake_options: dict[str, Any] | None = None):
+    """The Ray Serve application for a configuration; `engine="fake"` swaps vLLM for the fake engine."""
+    models = {
+        model.name: serve.deployment(ModelServer)
+        .options(**model_deployment_options(model))
+        .bind(model.model_dump(mode="json"), engine, fake_options)
+        for model in config.models
+    }
+    gateway = serve.deployment(Gateway).options(
+        name="gateway",
+        num_replicas=config.gateway.replicas,
+        max_ongoing_requests=config.gateway.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.gateway.cpus},
+    )
+    return gateway.bind(config.model_dump(mode="json"), models)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for Ray Serve config files (`import_path: serving.app:app_builder`, args = config)."""
+    from serving.config import load_config
+
+    return build_app(load_config(data=dict(args)))
+
+
+def logical_cpus_needed(config: ServingConfig) -> float:
+    """Logical CPUs the application reserves; a local Ray is started with at least this many."""
+    per_model = sum(
+        m.resources.cpus * (m.autoscaling.max_replicas if m.autoscaling else m.replicas) for m in config.models
+    )
+    return per_model + config.gateway.cpus * config.gateway.replicas + 1  # + the Serve controller

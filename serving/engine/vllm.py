@@ -1,0 +1,167 @@
+"""The real engine: vLLM's AsyncLLM behind vLLM's own OpenAI application, called in-process.
+
+We do not re-implement the OpenAI layer. vLLM's `build_app` + `init_app_state` build exactly the
+application `vllm serve` runs (request validation, chat templates, tools, structured output,
+logprobs, error bodies, SSE framing); we call it as an ASGI app in the same process, with no
+socket in between, and hand its status, body and stream chunks to the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+from serving.config import ModelConfig
+from serving.engine.protocol import Reply, Route
+
+logger = logging.getLogger(__name__)
+
+PATHS: dict[Route, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+_END = object()  # the ASGI app returned
+
+
+class VLLMEngine:
+    """Implements serving.engine.protocol.Engine with a vLLM engine in this process."""
+
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        self._app: Any = None
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.app import build_app
+
+        from serving.engine.vllm_args import build_namespace
+
+        args = build_namespace(self.model)
+        client = await self._stack.enter_async_context(build_async_engine_client(args))
+        tasks = await client.get_supported_tasks()
+        app = build_app(args, tasks, client.model_config)
+        await init_app_state(client, app.state, args, tasks)
+        # the app's lifespan runs vLLM's periodic stats logging, as under `vllm serve`
+        await self._stack.enter_async_context(app.router.lifespan_context(app))
+        self._client, self._app = client, app
+        logger.info("model %s ready (tasks: %s)", self.model.name, ", ".join(tasks))
+
+    async def stop(self) -> None:
+        self._app = None
+        await self._stack.aclose()
+
+    async def ready(self) -> bool:
+        return self._app is not None and not self._client.errored
+
+    async def check_health(self) -> None:
+        """Raises when the engine core is dead (Ray Serve then replaces the replica)."""
+        if self._client is None:
+            raise RuntimeError("engine not started")
+        await self._client.check_health()
+
+    async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
+        if self._app is None:
+            yield _not_ready(self.model.name)
+            return
+        messages: asyncio.Queue = asyncio.Queue()
+        disconnected = asyncio.Event()
+        task = asyncio.create_task(self._app(_scope(PATHS[route], request_id), _receiver(body, disconnected), messages.put))
+        task.add_done_callback(lambda _: messages.put_nowait(_END))
+        try:
+            start = await messages.get()
+            if start is _END:
+                task.result()  # re-raises what the app raised
+                raise RuntimeError("the vLLM app returned without a response")
+            status = start["status"]
+            if not _is_event_stream(start.get("headers", [])):
+                yield Reply(status, await _read_body(messages))
+                return
+            yield Reply(status, None)
+            async for chunk in _stream_chunks(messages):
+                yield chunk
+        finally:
+            disconnected.set()  # the app sees the client leave and aborts the engine request
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def _not_ready(name: str) -> Reply:
+    import json
+
+    error = {"message": f"model {name!r} is still loading", "type": "service_unavailable", "param": None, "code": 503}
+    return Reply(503, json.dumps({"error": error}).encode())
+
+
+def _scope(path: str, request_id: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        # spec 2.3: Starlette's StreamingResponse then watches `receive` for the disconnect
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+        "state": {},
+    }
+
+
+def _receiver(body: bytes, disconnected: asyncio.Event):
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+
+async def _read_body(messages: asyncio.Queue) -> bytes:
+    parts = []
+    while True:
+        message = await messages.get()
+        if message is _END:
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+async def _stream_chunks(messages: asyncio.Queue) -> AsyncIterator[str]:
+    """SSE chunks as the app sends them; chunks already waiting go out together (never on a timer)."""
+    ended = False
+    while not ended:
+        batch = [await messages.get()]
+        while not messages.empty():
+            batch.append(messages.get_nowait())
+        parts = []
+        for message in batch:
+            if message is _END or not message.get("more_body", False):
+                ended = True
+            if message is not _END and message.get("body"):
+                parts.append(message["body"])
+        if parts:
+            yield b"".join(parts).decode()
