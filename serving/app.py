@@ -25,7 +25,8 @@ class Gateway:
     def __serve_build_asgi_app__(self):
         from serving.gateway.app import create_app
 
-        return create_app(self.config, self.engines)
+        # Ray Serve's proxy puts x-request-id on every request and response already
+        return create_app(self.config, self.engines, echo_request_id=False)
 
 
 def model_deployment_options(model: ModelConfig) -> dict[str, Any]:

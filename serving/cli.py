@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a configuration and print the effective one")
     check.add_argument("file", type=Path)
+    config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
     args = parser.parse_args(argv)
     try:
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "demo-model":
             return _demo_model(args)
+        if args.config_command == "reference":
+            from serving.config import reference_markdown
+
+            print(reference_markdown())
+            return 0
         return _config_check(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

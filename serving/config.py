@@ -244,3 +244,25 @@ def suggest(name: str, known: set[str]) -> str:
 def dump_config(config: ServingConfig) -> str:
     """The effective configuration as YAML (what `serving config check` prints)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README's table), generated from the models themselves."""
+    sections = [("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
+                ("models[].autoscaling", Autoscaling), ("models[].resources", Resources)]
+    lines = []
+    for title, model in sections:
+        lines += [f"#### `{title}`", "", "| field | type | default | description |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            kind = str(field.annotation).replace("typing.", "").replace("serving.config.", "")
+            kind = getattr(field.annotation, "__name__", None) if "[" not in kind and "|" not in kind else kind
+            kind = kind.replace(" | ", " or ").replace("<class '", "").replace("'>", "")
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{field.default_factory()!r}`" if field.default_factory in (dict, list) else "see below"
+            else:
+                default = f"`{field.default!r}`"
+            lines.append(f"| `{name}` | `{kind}` | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -43,13 +43,25 @@ class FakeEngine:
         self.ttft_s, self.itl_s, self.dim, self.fail_after = ttft_s, itl_s, dim, fail_after
         self.started: list[str] = []  # request ids seen
         self.aborted: list[str] = []  # request ids whose stream was closed before the end
+        self.in_flight = 0
 
     async def ready(self) -> bool:
         return True
 
+    async def stats(self) -> dict[str, float]:
+        finished = len(self.started) - self.in_flight - len(self.aborted)
+        return {"unfinished": self.in_flight, "finished": finished, "generation_tokens": 0.0}
+
     async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
         self.started.append(request_id)
-        request = json.loads(body)
+        self.in_flight += 1
+        try:
+            async for item in self._generate(route, json.loads(body), request_id):
+                yield item
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, route: Route, request: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
         if route == "embedding":
             yield self._embed(request)
             return

@@ -36,6 +36,10 @@ class ModelServer:
     async def ready(self) -> bool:
         return await self.engine.ready()
 
+    async def stats(self) -> dict[str, float]:
+        """Requests the engine holds now (`unfinished`), requests finished normally, tokens generated."""
+        return await self.engine.stats()
+
     async def check_health(self) -> None:
         check = getattr(self.engine, "check_health", None)
         if check is not None:

@@ -60,6 +60,33 @@ class VLLMEngine:
     async def ready(self) -> bool:
         return self._app is not None and not self._client.errored
 
+    async def stats(self) -> dict[str, float]:
+        """Requests the engine holds now, and totals from vLLM's own /metrics (as `vllm serve` shows them).
+
+        `finished` counts requests that ended by stop or length (vLLM does not count aborted ones).
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+
+        totals = {"unfinished": 0 if self._client is None else self._client.get_num_unfinished_requests(),
+                  "finished": 0.0, "generation_tokens": 0.0}
+        if self._app is None:
+            return totals
+        status, text = await self._get("/metrics")
+        for family in text_string_to_metric_families(text.decode()) if status == 200 else ():
+            for sample in family.samples:
+                if sample.name == "vllm:request_success_total":
+                    totals["finished"] += sample.value
+                elif sample.name == "vllm:generation_tokens_total":
+                    totals["generation_tokens"] += sample.value
+        return totals
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        messages: asyncio.Queue = asyncio.Queue()
+        scope = {**_scope(path, "internal"), "method": "GET"}
+        await self._app(scope, _receiver(b"", asyncio.Event()), messages.put)
+        start = await messages.get()
+        return start["status"], await _read_body(messages)
+
     async def check_health(self) -> None:
         """Raises when the engine core is dead (Ray Serve then replaces the replica)."""
         if self._client is None:

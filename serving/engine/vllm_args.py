@@ -54,6 +54,8 @@ def _tokens(dest: str, value: Any) -> list[str]:
     action = _actions()[dest]
     longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
     flag = max(longs or action.option_strings, key=len)
+    if action.nargs == 0 and not isinstance(value, bool):
+        raise ValueError(f"expects true or false, not {value!r}")
     if isinstance(value, bool):
         if isinstance(action, argparse.BooleanOptionalAction):
             return [flag if value else "--no-" + flag[2:]]
@@ -69,50 +71,82 @@ def _tokens(dest: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
+_KINDS = {"engine_args": "vLLM engine argument", "server_args": "vLLM OpenAI-server option"}
+_MOVE = {"engine_args": "an engine argument: move it to engine_args", "server_args": "a server option: move it to server_args"}
+
+
 def _check_names(model: ModelConfig, where: str) -> list[str]:
     problems = []
-    engine, server = engine_arg_names(), server_arg_names()
-    for field, known, other, label in (
-        ("engine_args", engine, server, "vLLM engine argument"),
-        ("server_args", server, engine, "vLLM OpenAI-server option"),
-    ):
+    names = {"engine_args": engine_arg_names(), "server_args": server_arg_names()}
+    for field, other in (("engine_args", "server_args"), ("server_args", "engine_args")):
         for name in getattr(model, field):
-            if name in known:
+            if name in names[field]:
                 continue
-            hint = f" (it is a {'server option' if name in other else 'engine argument'}: move it)" if name in other else suggest(name, set(known))
-            problems.append(f"{where}.{field}.{name} (model {model.name!r}): unknown {label}{hint}")
+            if name in names[other]:
+                hint = f" (it is {_MOVE[other]})"
+            else:
+                hint = suggest(name, set(names[field]))
+            problems.append(f"{where}.{field}.{name} (model {model.name!r}): unknown {_KINDS[field]}{hint}")
     return problems
 
 
-def build_namespace(model: ModelConfig) -> argparse.Namespace:
-    """The parsed `vllm serve` arguments for one model. Raises ValueError naming the bad field."""
-    problems = _check_names(model, "models[?]")
-    if problems:
-        raise ValueError("; ".join(problems))
-    argv = [model.source, "--served-model-name", model.name]
+def _base_argv(model: ModelConfig) -> list[str]:
+    argv = ["--model", model.source, "--served-model-name", model.name]
     if model.revision:
         argv += ["--revision", model.revision]
     if model.lora_adapters:
         argv += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in model.lora_adapters.items())]
     if model.kind == "embed":
         argv += ["--runner", "pooling"]
-    nulls = []
+    return argv
+
+
+def _field_tokens(model: ModelConfig) -> list[tuple[str, list[str]]]:
+    """(`engine_args.name`, tokens) for every non-null value; raises ValueError naming the field."""
+    out = []
     for field in ("engine_args", "server_args"):
         for name, value in getattr(model, field).items():
             if value is None:
-                nulls.append(name)
                 continue
             try:
-                argv += _tokens(name, value)
-            except Exception as exc:  # noqa: BLE001 - reported with the field's path
+                out.append((f"{field}.{name}", _tokens(name, value)))
+            except ValueError as exc:
                 raise ValueError(f"{field}.{name}: {exc}") from exc
+    return out
+
+
+def serve_argv(model: ModelConfig) -> tuple[list[str], list[str]]:
+    """The `vllm serve` command line for one model, and the names explicitly set to null."""
+    problems = _check_names(model, "models[?]")
+    if problems:
+        raise ValueError("; ".join(problems))
+    argv = _base_argv(model)
+    for _, tokens in _field_tokens(model):
+        argv += tokens
+    nulls = [n for f in ("engine_args", "server_args") for n, v in getattr(model, f).items() if v is None]
+    return argv, nulls
+
+
+def _parse(argv: list[str], model: ModelConfig) -> argparse.Namespace:
     try:
-        ns = _parser().parse_args(argv)
+        return _parser().parse_args(argv)
     except _ArgumentError as exc:
+        # name the configuration field rather than the vLLM flag: find the value the parser refuses
+        base = _base_argv(model)
+        for path, tokens in _field_tokens(model):
+            try:
+                _parser().parse_args(base + tokens)
+            except _ArgumentError as single:
+                raise ValueError(f"{path}: {single}") from exc
         raise ValueError(str(exc)) from exc
+
+
+def build_namespace(model: ModelConfig) -> argparse.Namespace:
+    """The parsed `vllm serve` arguments for one model. Raises ValueError naming the bad field."""
+    argv, nulls = serve_argv(model)
+    ns = _parse(argv, model)
     for name in nulls:
         setattr(ns, name, None)
-    ns.model = ns.model_tag
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
     validate_parsed_serve_args(ns)
@@ -143,5 +177,9 @@ def check_vllm_names(model: ModelConfig, where: str) -> list[str]:
     try:
         build_namespace(model)
     except (ValueError, TypeError) as exc:
-        return [f"{where} (model {model.name!r}): {exc}"]
+        message = str(exc)
+        if message.startswith(("engine_args.", "server_args.")):
+            path, _, reason = message.partition(": ")
+            return [f"{where}.{path} (model {model.name!r}): {reason}"]
+        return [f"{where} (model {model.name!r}): {message}"]
     return []

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.config import ModelConfig, ServingConfig
 from serving.engine.protocol import ROUTE_KINDS, Engine, Reply, Route
-from serving.gateway.errors import APIError, error_event, install_error_handlers, logger
+from serving.gateway.errors import APIError, error_event, error_response, install_error_handlers, logger
 from serving.gateway.middleware import RequestIdMiddleware
 
 DONE = "data: [DONE]\n\n"
@@ -67,12 +67,13 @@ def get_registry(request: Request) -> Registry:
 Reg = Annotated[Registry, Depends(get_registry)]
 
 
-def create_app(config: ServingConfig, engines: Mapping[str, Engine]) -> FastAPI:
+def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, echo_request_id: bool = True) -> FastAPI:
+    """The gateway app. `echo_request_id=False` behind Ray Serve's proxy, which sends x-request-id itself."""
     registry = Registry(config, engines)
     app = FastAPI(title="serving", version="0.1.0", description="OpenAI-compatible API for many LLMs.")
     app.state.registry = registry
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
 
     @app.get("/health", summary="Liveness: the gateway answers.")
     async def health() -> dict[str, str]:
@@ -176,6 +177,9 @@ async def _answer(stream: AsyncIterator[Reply | str], deadline: float) -> Respon
         if not isinstance(reply, Reply):
             raise RuntimeError(f"engine protocol violation: first item is {type(reply).__name__}")
         if not reply.streaming:
+            await anext(stream, None)  # let the engine's generator finish rather than cancel it
+            if reply.status >= 500:
+                return _masked(json.loads(reply.body or b"{}"), reply.status)
             return Response(reply.body, status_code=reply.status, media_type="application/json")
         first = await _next(stream, deadline)
     except TimeoutError:
@@ -194,9 +198,28 @@ async def _answer(stream: AsyncIterator[Reply | str], deadline: float) -> Respon
     early_error = _leading_error(first)
     if early_error is not None:
         await _close(stream)
-        return JSONResponse(early_error, status_code=_status_of(early_error))
-    return StreamingResponse(_relay(first, stream, deadline), status_code=reply.status,
-                             media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _masked(early_error, _status_of(early_error))
+    return _EventStream(_relay(first, stream, deadline), status_code=reply.status,
+                        media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+class _EventStream(StreamingResponse):
+    """Closes the relay (and so aborts the engine request) however the response ends: under ASGI
+    2.4 a client that hangs up makes `send` raise, and Starlette would leave the generator open."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _masked(payload: dict[str, Any], status: int) -> Response:
+    """An engine's error as our envelope: 4xx as the engine said it, 5xx messages masked."""
+    error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+    if status < 500:
+        return JSONResponse(payload, status_code=status)
+    return error_response(status, str(error.get("message", "")), param=error.get("param"), code=error.get("code"))
 
 
 async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float) -> AsyncIterator[str]:

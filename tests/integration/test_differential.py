@@ -1,0 +1,86 @@
+"""The same requests to plain vLLM's own OpenAI server and to the platform give the same answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["Hello, who are you?", "Tell me about the sea.", "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def plain_vllm(platform_config, tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` with the exact arguments the platform uses."""
+    from serving.engine.vllm_args import serve_argv
+
+    argv, nulls = serve_argv(platform_config.model("demo-chat"))
+    assert not nulls
+    port = free_port()
+    log = (tmp_path_factory.mktemp("plain-vllm") / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv,
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"plain vLLM exited; see {log.name}"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("plain vLLM did not start in 300 s")
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    proc.terminate()
+    proc.wait(timeout=60)
+    log.close()
+
+
+@pytest.mark.parametrize("model", ["demo-chat", "demo-chat-lora"])
+def test_chat_same_text_and_tokens(client, plain_vllm, model):
+    for prompt in PROMPTS:
+        args = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=20, temperature=0)
+        ours, theirs = client.chat.completions.create(**args), plain_vllm.chat.completions.create(**args)
+        assert ours.choices[0].message.content == theirs.choices[0].message.content
+        assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason
+        assert ours.usage.model_dump() == theirs.usage.model_dump()
+
+
+def test_streamed_chat_same_deltas(client, plain_vllm):
+    args = dict(model="demo-chat", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=20, temperature=0,
+                stream=True, stream_options={"include_usage": True})
+
+    def deltas(api):
+        chunks = list(api.chat.completions.create(**args))
+        return [c.choices[0].delta.content for c in chunks if c.choices], chunks[-1].usage.model_dump()
+
+    assert deltas(client) == deltas(plain_vllm)
+
+
+def test_completions_same_text_and_tokens(client, plain_vllm):
+    for prompt in PROMPTS:
+        args = dict(model="demo-chat", prompt=prompt, max_tokens=16, temperature=0, logprobs=2)
+        ours, theirs = client.completions.create(**args), plain_vllm.completions.create(**args)
+        assert ours.choices[0].text == theirs.choices[0].text
+        assert ours.choices[0].logprobs.tokens == theirs.choices[0].logprobs.tokens
+        assert ours.usage.model_dump() == theirs.usage.model_dump()
+
+
+def test_same_validation_errors(client, plain_vllm):
+    args = dict(model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+    errors = []
+    for api in (client, plain_vllm):
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.chat.completions.create(**args)
+        errors.append(caught.value.body)
+    assert errors[0] == errors[1]

