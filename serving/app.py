@@ -68,7 +68,8 @@ def build_app(config: ServingConfig, *, engine: str = "vllm", fake_options: dict
         max_ongoing_requests=config.gateway.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.gateway.cpus},
     )
-    return gateway.bind(config.model_dump(mode="json"), models)
+    # python mode keeps secrets (API keys, Redis password) that JSON mode would mask
+    return gateway.bind(config.model_dump(), models)
 
 
 def app_builder(args: dict[str, Any]):

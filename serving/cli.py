@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path)
     config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
+    from serving.keys import add_keys_parser, run_keys
+
+    add_keys_parser(sub)
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "keys":
+            return run_keys(args)
         if args.command == "up":
             return _up(args)
         if args.command == "demo-model":
@@ -108,6 +114,10 @@ def _up(args: argparse.Namespace) -> int:
         for model in config.models:
             adapters = f" (LoRA adapters: {', '.join(model.lora_adapters)})" if model.lora_adapters else ""
             print(f"  model {model.name} [{model.kind}]{adapters}")
+        if not config.auth.enabled:
+            print("  API keys are OFF: anyone who reaches this port can use every model.")
+        store = f"Redis at {config.redis.url}" if config.redis.url else "in-process store (no Redis configured)"
+        print(f"  cache, keys, limits and usage: {store}")
         print("Ctrl-C to stop.", flush=True)
         while not stop.wait(1):
             pass

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -106,6 +106,9 @@ class ModelConfig(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the model's replicas."
     )
+    cache: Literal["off", "reproducible", "all"] | None = Field(
+        None, description="Response cache for this model; default: cache.mode."
+    )
 
     @model_validator(mode="after")
     def _no_reserved_args(self) -> "ModelConfig":
@@ -145,6 +148,72 @@ class GatewayConfig(_Strict):
     cpus: float = Field(1, ge=0, description="Logical CPUs reserved per gateway replica.")
 
 
+class RedisConfig(_Strict):
+    """Where the cache, API keys, rate-limit counters and usage live."""
+
+    url: str | None = Field(
+        None, description="redis:// or rediss:// URL. Unset: an in-process store (one gateway replica, local use)."
+    )
+    password: SecretStr | None = Field(None, description="Password, if not in the URL (e.g. from a Secret).")
+    timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Longest any Redis call may take before the gateway goes on without it."
+    )
+    retry_interval_s: float = Field(
+        2.0, gt=0, description="After a Redis failure, calls are skipped for this long, then tried again."
+    )
+    key_prefix: str = Field("serving:", description="Prefix of every Redis key the platform writes.")
+    max_connections: int = Field(64, ge=1, description="Connection pool size per gateway replica.")
+
+
+class CacheConfig(_Strict):
+    """Exact-match response cache."""
+
+    mode: Literal["off", "reproducible", "all"] = Field(
+        "reproducible",
+        description="off; reproducible: only requests whose output is reproducible (temperature 0 or a seed; "
+        "embeddings); all: every request.",
+    )
+    ttl_s: int = Field(3600, ge=1, description="Seconds an answer stays cached.")
+    max_entry_bytes: int = Field(1 << 20, ge=1, description="Larger answers are not cached.")
+    shared: bool = Field(
+        False, description="Share cached answers across API keys (off: an answer never crosses tenants)."
+    )
+
+
+class APIKeySpec(_Strict):
+    """An API key given in the configuration (e.g. bootstrapped from a Kubernetes Secret)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Name shown in usage and logs.")
+    key: SecretStr = Field(..., description="The secret key clients send as `Authorization: Bearer <key>`.")
+    models: list[str] | None = Field(None, description="Models the key may use; unset: all.")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute; unset: unlimited.")
+    tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute; unset: unlimited.")
+
+    @model_validator(mode="after")
+    def _long_enough(self) -> "APIKeySpec":
+        if len(self.key.get_secret_value()) < 16:
+            raise ValueError("key: at least 16 characters")
+        return self
+
+
+class AuthConfig(_Strict):
+    """API keys."""
+
+    enabled: bool = Field(True, description="Require an API key on /v1 routes. Off only for local use.")
+    keys: list[APIKeySpec] = Field(
+        default_factory=list, description="Keys from the configuration, in addition to those in Redis."
+    )
+
+
+class LimitsConfig(_Strict):
+    """Per-key rate limits."""
+
+    failure_policy: Literal["open", "closed"] = Field(
+        "open", description="When Redis is unreachable: open lets requests through, closed answers 503."
+    )
+    window_s: int = Field(60, ge=1, le=3600, description="Length of the sliding window of RPM and TPM, seconds.")
+
+
 class ServingConfig(BaseSettings):
     """The whole platform."""
 
@@ -154,6 +223,10 @@ class ServingConfig(BaseSettings):
 
     models: list[ModelConfig] = Field(default_factory=list, description="Served models.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gateway.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate limits.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingConfig":
@@ -164,7 +237,17 @@ class ServingConfig(BaseSettings):
                 if name in seen:
                     raise ValueError(f"model name {name!r} is used twice: {seen[name]} and {where}")
                 seen[name] = where
+        for i, key in enumerate(self.auth.keys):
+            unknown = [m for m in key.models or [] if m not in seen]
+            if unknown:
+                raise ValueError(f"auth.keys[{i}].models: unknown model(s) {', '.join(unknown)}")
+        names = [k.name for k in self.auth.keys]
+        if len(names) != len(set(names)):
+            raise ValueError("auth.keys: two keys have the same name")
         return self
+
+    def cache_mode(self, model: ModelConfig) -> str:
+        return model.cache or self.cache.mode
 
     @classmethod
     def settings_customise_sources(
@@ -249,7 +332,8 @@ def dump_config(config: ServingConfig) -> str:
 def reference_markdown() -> str:
     """The configuration reference (README's table), generated from the models themselves."""
     sections = [("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
-                ("models[].autoscaling", Autoscaling), ("models[].resources", Resources)]
+                ("models[].autoscaling", Autoscaling), ("models[].resources", Resources), ("redis", RedisConfig),
+                ("cache", CacheConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec), ("limits", LimitsConfig)]
     lines = []
     for title, model in sections:
         lines += [f"#### `{title}`", "", "| field | type | default | description |", "|---|---|---|---|"]

@@ -48,4 +48,5 @@ def local_models(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def local_config(cache_dir: str | Path | None = None) -> ServingConfig:
-    return load_config(data={"models": local_models(cache_dir)}, check_vllm=True)
+    # local use: no API keys, and the in-process store unless SERVING_REDIS__URL names a Redis
+    return load_config(data={"models": local_models(cache_dir), "auth": {"enabled": False}}, check_vllm=True)

@@ -28,7 +28,7 @@ def _error(status: int, message: str, param: str | None = None) -> Reply:
 
 
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"  # compact, as vLLM sends it
 
 
 class FakeEngine:

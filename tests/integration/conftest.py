@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from serving.local import CPU_ENV
+from tests.support import RedisServer, free_port
 
 os.environ.update(CPU_ENV)
 
+API_KEY = "sk-test-integration-0123456789"
+# the engine tests read the model, not the cache; the cache has tests of its own
+NO_CACHE = {"cache-control": "no-cache, no-store"}
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +34,20 @@ def demo_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def platform_config(demo_dirs):
+def platform_config(demo_dirs, redis_server):
     from serving.config import load_config
     from serving.local import CPU_ENGINE_ARGS, local_models
 
     chat, embed = local_models(demo_dirs["a"].parent)
     second = {**chat, "name": "demo-chat-b", "source": str(demo_dirs["b"]), "lora_adapters": {},
               "engine_args": {**CPU_ENGINE_ARGS, "max_model_len": 1024}, "server_args": {}}
-    return load_config(data={"models": [chat, second, embed], "gateway": {"host": "127.0.0.1", "port": free_port()}},
-                       check_vllm=True)
+    return load_config(data={
+        "models": [chat, second, embed],
+        # two gateway replicas: limits and counters must hold across them
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5},
+        "redis": {"url": redis_server.url, "timeout_s": 0.2, "retry_interval_s": 0.5},
+        "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY}]},
+    }, check_vllm=True)
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +72,14 @@ def platform(platform_config) -> str:
 def client(platform):
     import openai
 
-    return openai.OpenAI(base_url=platform, api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0, timeout=120, default_headers=NO_CACHE)
+
+
+@pytest.fixture(scope="session")
+def http(platform):
+    """httpx client with the tests' key, for what the SDK does not show (headers, raw bodies)."""
+    import httpx
+
+    with httpx.Client(base_url=platform.removesuffix("/v1"), timeout=120,
+                      headers={"authorization": f"Bearer {API_KEY}", **NO_CACHE}) as client:
+        yield client

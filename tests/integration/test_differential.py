@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

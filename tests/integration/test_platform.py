@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -23,10 +22,9 @@ def test_models_list_every_model_and_adapter(client):
     assert client.models.retrieve("demo-chat-b").id == "demo-chat-b"
 
 
-def test_health_and_ready(platform):
-    root = platform.removesuffix("/v1")
-    assert httpx.get(f"{root}/health").json() == {"status": "ok"}
-    ready = httpx.get(f"{root}/ready", timeout=30)
+def test_health_and_ready(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready", timeout=30)
     assert ready.status_code == 200
     assert ready.json()["models"] == {"demo-chat": True, "demo-chat-b": True, "all-minilm-l6-v2": True}
 
@@ -99,12 +97,12 @@ def test_adapter_and_second_model_answer_differently(client):
     assert len(texts) == 3
 
 
-def test_embeddings_float_and_base64_agree_and_mean_something(client):
+def test_embeddings_float_and_base64_agree_and_mean_something(client, http):
     texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Quarterly tax filing deadlines."]
     as_float = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
     as_b64 = client.embeddings.create(model="all-minilm-l6-v2", input=texts)  # the SDK asks for base64
-    raw = httpx.post(f"{client.base_url}embeddings",
-                     json={"model": "all-minilm-l6-v2", "input": texts[0], "encoding_format": "base64"})
+    raw = http.post("/v1/embeddings",
+                    json={"model": "all-minilm-l6-v2", "input": texts[0], "encoding_format": "base64"})
     assert isinstance(raw.json()["data"][0]["embedding"], str)
     a = np.array([d.embedding for d in as_float.data])
     b = np.array([d.embedding for d in as_b64.data])
@@ -114,7 +112,7 @@ def test_embeddings_float_and_base64_agree_and_mean_something(client):
     assert as_float.usage.prompt_tokens > 0
 
 
-def test_errors_are_openai_envelopes(client, platform):
+def test_errors_are_openai_envelopes(client, http):
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-model", messages=HELLO)
     assert missing.value.body["code"] == "model_not_found"
@@ -124,15 +122,15 @@ def test_errors_are_openai_envelopes(client, platform):
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=10**6)
     assert too_long.value.body["param"] == "max_tokens"
-    bad = httpx.post(f"{platform}/chat/completions", json={"model": CHAT, "messages": "not a list"},
-                     headers={"x-request-id": "req-123"})
+    bad = http.post("/v1/chat/completions", json={"model": CHAT, "messages": "not a list"},
+                    headers={"x-request-id": "req-123"})
     assert bad.status_code == 400 and bad.headers["x-request-id"] == "req-123"
     assert set(bad.json()["error"]) == {"message", "type", "param", "code"}
-    broken = httpx.post(f"{platform}/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    broken = http.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert broken.status_code == 400 and "error" in broken.json() and "detail" not in broken.json()
 
 
-def test_client_disconnect_aborts_the_engine_request(platform):
+def test_client_disconnect_aborts_the_engine_request(http):
     from ray import serve
 
     handle = serve.get_deployment_handle("model-demo-chat-b", app_name="serving")
@@ -142,13 +140,12 @@ def test_client_disconnect_aborts_the_engine_request(platform):
 
     before = stats()
     body = {"model": "demo-chat-b", "messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{platform}/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            events = [next(lines) for _ in range(6)]
-            assert any(e.startswith("data: {") for e in events)
-            assert stats()["unfinished"] == 1
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        events = [next(lines) for _ in range(6)]
+        assert any(e.startswith("data: {") for e in events)
+        assert stats()["unfinished"] == 1
     deadline = time.monotonic() + 15
     while stats()["unfinished"] and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -49,6 +49,9 @@ def make_config(**gateway: Any) -> ServingConfig:
             {"name": "embedder", "source": "/models/embedder", "kind": "embed"},
         ],
         "gateway": gateway,
+        # these tests are about routing and relaying: keys, limits and the cache have tests of their own
+        "auth": {"enabled": False},
+        "cache": {"mode": "off"},
     })
 
 
@@ -175,7 +178,8 @@ def error_event(message: str, code: int) -> str:
 
 
 def one_model_app(engine, kind: str = "generate", **gateway: Any):
-    config = load_config(data={"models": [{"name": "m", "source": "/m", "kind": kind}], "gateway": gateway})
+    config = load_config(data={"models": [{"name": "m", "source": "/m", "kind": kind}], "gateway": gateway,
+                               "auth": {"enabled": False}, "cache": {"mode": "off"}})
     return create_app(config, {"m": engine})
 
 

@@ -1,0 +1,81 @@
+"""What the gateway's routes work with, built once per gateway replica by create_app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Coroutine, Mapping
+
+from serving.config import ModelConfig, ServingConfig
+from serving.engine.protocol import Engine
+from serving.gateway.auth import Authenticator
+from serving.gateway.cache import ResponseCache
+from serving.gateway.errors import APIError
+from serving.gateway.limits import Limiter
+from serving.gateway.store import Resilient
+
+logger = logging.getLogger("serving.gateway")
+
+
+def model_not_found(name: str) -> APIError:
+    # the same answer for a model that does not exist and one the key may not use: no names leak
+    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
+class Registry:
+    """Which engine and model configuration answers each served model name (models and adapters)."""
+
+    def __init__(self, config: ServingConfig, engines: Mapping[str, Engine]):
+        missing = [m.name for m in config.models if m.name not in engines]
+        if missing:
+            raise ValueError(f"no engine for model(s): {', '.join(missing)}")
+        self.config = config
+        self.engines = dict(engines)
+        self.created = int(time.time())
+
+    def lookup(self, name: str) -> tuple[ModelConfig, Engine]:
+        model = self.config.model(name)
+        if model is None:
+            raise model_not_found(name)
+        return model, self.engines[model.name]
+
+    def cards(self) -> list[dict[str, Any]]:
+        cards = []
+        for model in self.config.models:
+            for name in model.served_names:
+                adapter = name != model.name
+                cards.append({
+                    "id": name, "object": "model", "created": self.created, "owned_by": "serving",
+                    "root": name if adapter else model.source, "parent": model.name if adapter else None,
+                    "kind": model.kind,
+                })
+        return cards
+
+
+@dataclass
+class Services:
+    config: ServingConfig
+    registry: Registry
+    store: Resilient
+    auth: Authenticator
+    limiter: Limiter
+    cache: ResponseCache
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine) -> None:
+        """Bookkeeping after a response (usage, cache writes): off the request's critical path."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background work failed: %r", task.exception())
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

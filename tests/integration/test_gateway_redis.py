@@ -1,0 +1,118 @@
+"""Keys, limits, usage and the cache on the real app: two gateway replicas sharing one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from serving.gateway.auth import create_key, digest
+from serving.gateway.store import RedisStore
+from tests.integration.conftest import API_KEY, NO_CACHE
+
+pytestmark = pytest.mark.integration
+
+
+def _store(redis_server) -> RedisStore:
+    return RedisStore(redis_server.url)
+
+
+async def _new_key(redis_server, name: str, **limits) -> str:
+    store = _store(redis_server)
+    try:
+        key, _ = await create_key(store, name, **limits)
+        return key
+    finally:
+        await store.close()
+
+
+def test_api_requires_a_key(platform):
+    response = httpx.get(f"{platform}/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+    wrong = httpx.get(f"{platform}/models", headers={"authorization": "Bearer sk-srv-not-a-key"})
+    assert wrong.status_code == 401
+
+
+def test_gateway_runs_two_replicas():
+    from ray import serve
+
+    gateway = serve.status().applications["serving"].deployments["gateway"]
+    assert gateway.replica_states.get("RUNNING") == 2
+
+
+async def test_rate_limit_holds_across_gateway_replicas(platform, redis_server):
+    n = 6
+    key = await _new_key(redis_server, "limited-six", rpm=n)
+    body = {"model": "all-minilm-l6-v2", "input": "count me"}
+    headers = {"authorization": f"Bearer {key}", **NO_CACHE}
+    async with httpx.AsyncClient(base_url=platform, timeout=60, headers=headers) as http:
+        responses = await asyncio.gather(*(http.post("/embeddings", json=body) for _ in range(3 * n)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * n + [429] * (2 * n)
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    # both replicas recorded usage into the same Redis: exactly the admitted requests, with real tokens
+    store = _store(redis_server)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            usage = await store.usage_get(digest(key))
+            counts = next(iter(usage.values()), {}).get("all-minilm-l6-v2", {})
+            if counts.get("requests") == n:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    assert counts["requests"] == n and counts["prompt_tokens"] > 0
+
+
+def test_streamed_request_replays_the_cached_answer(platform):
+    client = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0)
+    args = dict(model="demo-chat", messages=[{"role": "user", "content": f"cache me {time.time()}"}],
+                max_tokens=12, temperature=0)
+    first = client.chat.completions.with_raw_response.create(**args)
+    assert first.headers["x-cache"] == "miss"
+    answer = first.parse()
+    raw = client.chat.completions.with_raw_response.create(**args, stream=True, stream_options={"include_usage": True})
+    assert raw.headers["x-cache"] == "hit"
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.model_dump() == answer.usage.model_dump()
+
+
+def test_redis_stopped_mid_traffic_then_restarted(platform, redis_server):
+    """Runs last in this module: it restarts the session's Redis (keys in Redis are lost; config keys stay)."""
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    body = {"model": "all-minilm-l6-v2", "input": "still here"}
+    timings = []
+    with httpx.Client(base_url=platform, timeout=30, headers=headers) as http:
+        for i in range(16):
+            if i == 5:
+                redis_server.stop()
+            started = time.monotonic()
+            response = http.post("/embeddings", json=body)
+            timings.append(time.monotonic() - started)
+            assert response.status_code == 200, response.text
+        assert max(timings[5:]) < 2.0  # nobody waits on the dead Redis (timeout 0.2 s, then skipped)
+        redis_server.start()
+        key = None
+        deadline = time.monotonic() + 20
+        while key is None and time.monotonic() < deadline:
+            try:
+                key = asyncio.run(_new_key(redis_server, "after-restart", rpm=2))
+            except Exception:  # noqa: BLE001 - Redis still coming up
+                time.sleep(0.2)
+        limited = {"authorization": f"Bearer {key}", **NO_CACHE}
+        statuses = []
+        deadline = time.monotonic() + 20
+        while 429 not in statuses and time.monotonic() < deadline:  # limits are enforced again
+            statuses.append(http.post("/embeddings", json=body, headers=limited).status_code)
+            time.sleep(0.2)
+    assert 429 in statuses and statuses.count(200) >= 2
