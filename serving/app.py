@@ -24,9 +24,11 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         from serving.gateway.app import create_app
+        from serving.gateway.metrics import GatewayMetrics, RayBackend
 
-        # Ray Serve's proxy puts x-request-id on every request and response already
-        return create_app(self.config, self.engines, echo_request_id=False)
+        # metrics through Ray's per-node agent (they add up across replicas); Ray Serve's proxy puts
+        # x-request-id on every request and response already
+        return create_app(self.config, self.engines, metrics=GatewayMetrics(RayBackend()), echo_request_id=False)
 
 
 def model_deployment_options(model: ModelConfig) -> dict[str, Any]:

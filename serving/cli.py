@@ -103,7 +103,7 @@ def _up(args: argparse.Namespace) -> int:
         ray.init(address=args.address, namespace="serving")
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)),
-                 include_dashboard=False, namespace="serving")
+                 include_dashboard=False, namespace="serving", _metrics_export_port=config.gateway.metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -114,6 +114,9 @@ def _up(args: argparse.Namespace) -> int:
         for model in config.models:
             adapters = f" (LoRA adapters: {', '.join(model.lora_adapters)})" if model.lora_adapters else ""
             print(f"  model {model.name} [{model.kind}]{adapters}")
+        if not args.address:
+            print(f"  Prometheus scrape target (this node): http://{host}:{config.gateway.metrics_port}/metrics"
+                  " (relabelling: deploy/prometheus/prometheus.yml)")
         if not config.auth.enabled:
             print("  API keys are OFF: anyone who reaches this port can use every model.")
         store = f"Redis at {config.redis.url}" if config.redis.url else "in-process store (no Redis configured)"

@@ -146,6 +146,10 @@ class GatewayConfig(_Strict):
     )
     max_ongoing_requests: int = Field(1000, ge=1, description="Requests one gateway replica takes at once.")
     cpus: float = Field(1, ge=0, description="Logical CPUs reserved per gateway replica.")
+    metrics_port: int = Field(
+        8080, ge=1, le=65535,
+        description="Per-node Prometheus endpoint (Ray's metrics agent) that `serving up` starts Ray with.",
+    )
 
 
 class RedisConfig(_Strict):

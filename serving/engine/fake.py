@@ -50,7 +50,7 @@ class FakeEngine:
 
     async def stats(self) -> dict[str, float]:
         finished = len(self.started) - self.in_flight - len(self.aborted)
-        return {"unfinished": self.in_flight, "finished": finished, "generation_tokens": 0.0}
+        return {"unfinished": self.in_flight, "finished": finished, "aborted": len(self.aborted), "generation_tokens": 0}
 
     async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
         self.started.append(request_id)

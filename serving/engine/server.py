@@ -26,7 +26,7 @@ class ModelServer:
         else:
             from serving.engine.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(self.model)
+            self.engine = VLLMEngine(self.model, ray_metrics=True)
             await self.engine.start()
 
     async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
@@ -37,7 +37,7 @@ class ModelServer:
         return await self.engine.ready()
 
     async def stats(self) -> dict[str, float]:
-        """Requests the engine holds now (`unfinished`), requests finished normally, tokens generated."""
+        """Requests the engine holds now (`unfinished`), finished (stop/length), aborted, tokens generated."""
         return await self.engine.stats()
 
     async def check_health(self) -> None:

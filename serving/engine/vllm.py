@@ -30,21 +30,47 @@ _END = object()  # the ASGI app returned
 class VLLMEngine:
     """Implements serving.engine.protocol.Engine with a vLLM engine in this process."""
 
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, *, ray_metrics: bool = False):
+        """ray_metrics: export vLLM's metrics through Ray's per-node agent (inside Ray Serve)."""
         self.model = model
+        self.ray_metrics = ray_metrics
         self._app: Any = None
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
+        self._totals = {"finished": 0, "aborted": 0, "generation_tokens": 0}
+
+    async def _engine_client(self, args) -> Any:
+        """AsyncLLM as `vllm serve` builds it, plus our stat loggers (vLLM's own helper takes none)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        propagate_flash_late_interaction(args, engine_args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        loggers: list[Any] = [_totals_logger(self._totals)]
+        if self.ray_metrics:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers.append(RayPrometheusStatLogger)  # replaces vLLM's per-process Prometheus logger
+        client = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers,
+            enable_log_requests=engine_args.enable_log_requests,
+            aggregate_engine_logging=engine_args.aggregate_engine_logging,
+            disable_log_stats=engine_args.disable_log_stats)
+        self._stack.callback(client.shutdown, timeout=vllm_config.shutdown_timeout)
+        await client.reset_mm_cache()
+        return client
 
     async def start(self) -> None:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.app import build_app
 
         from serving.engine.vllm_args import build_namespace
 
         args = build_namespace(self.model)
-        client = await self._stack.enter_async_context(build_async_engine_client(args))
+        client = await self._engine_client(args)
         tasks = await client.get_supported_tasks()
         app = build_app(args, tasks, client.model_config)
         await init_app_state(client, app.state, args, tasks)
@@ -61,31 +87,9 @@ class VLLMEngine:
         return self._app is not None and not self._client.errored
 
     async def stats(self) -> dict[str, float]:
-        """Requests the engine holds now, and totals from vLLM's own /metrics (as `vllm serve` shows them).
-
-        `finished` counts requests that ended by stop or length (vLLM does not count aborted ones).
-        """
-        from prometheus_client.parser import text_string_to_metric_families
-
-        totals = {"unfinished": 0 if self._client is None else self._client.get_num_unfinished_requests(),
-                  "finished": 0.0, "generation_tokens": 0.0}
-        if self._app is None:
-            return totals
-        status, text = await self._get("/metrics")
-        for family in text_string_to_metric_families(text.decode()) if status == 200 else ():
-            for sample in family.samples:
-                if sample.name == "vllm:request_success_total":
-                    totals["finished"] += sample.value
-                elif sample.name == "vllm:generation_tokens_total":
-                    totals["generation_tokens"] += sample.value
-        return totals
-
-    async def _get(self, path: str) -> tuple[int, bytes]:
-        messages: asyncio.Queue = asyncio.Queue()
-        scope = {**_scope(path, "internal"), "method": "GET"}
-        await self._app(scope, _receiver(b"", asyncio.Event()), messages.put)
-        start = await messages.get()
-        return start["status"], await _read_body(messages)
+        """Requests the engine holds now, requests it finished (stop/length) or aborted, tokens generated."""
+        unfinished = 0 if self._client is None else self._client.get_num_unfinished_requests()
+        return {"unfinished": unfinished, **self._totals}
 
     async def check_health(self) -> None:
         """Raises when the engine core is dead (Ray Serve then replaces the replica)."""
@@ -119,6 +123,28 @@ class VLLMEngine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+def _totals_logger(totals: dict[str, int]):
+    """A vLLM stat logger that keeps running totals (what `stats()` reports)."""
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class Totals(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if iteration_stats is None:
+                return
+            totals["generation_tokens"] += iteration_stats.num_generation_tokens
+            for done in iteration_stats.finished_requests:
+                totals["aborted" if done.finish_reason == FinishReason.ABORT else "finished"] += 1
+
+        def log_engine_initialized(self):
+            pass
+
+    return Totals
 
 
 def _not_ready(name: str) -> Reply:

@@ -19,6 +19,7 @@ from serving.gateway.auth import Authenticator
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError, install_error_handlers
 from serving.gateway.limits import Limiter
+from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
 from serving.gateway.routes import openai_route
 from serving.gateway.services import Registry, Services
@@ -40,19 +41,23 @@ def get_services(request: Request) -> Services:
 Svc = Annotated[Services, Depends(get_services)]
 
 
-def build_services(config: ServingConfig, engines: Mapping[str, Engine], store: Store | None = None) -> Services:
+def build_services(config: ServingConfig, engines: Mapping[str, Engine], store: Store | None = None,
+                   metrics: GatewayMetrics | None = None) -> Services:
+    metrics = metrics if metrics is not None else GatewayMetrics(PrometheusBackend())
     resilient = Resilient(store if store is not None else build_store(config.redis),
-                          timeout_s=config.redis.timeout_s, retry_interval_s=config.redis.retry_interval_s)
+                          timeout_s=config.redis.timeout_s, retry_interval_s=config.redis.retry_interval_s,
+                          on_error=lambda op: metrics.redis_errors.inc(1, {"operation": op}))
     return Services(config=config, registry=Registry(config, engines), store=resilient,
                     auth=Authenticator(config.auth, resilient), limiter=Limiter(config.limits, resilient),
-                    cache=ResponseCache(config.cache, resilient))
+                    cache=ResponseCache(config.cache, resilient), metrics=metrics)
 
 
 def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: Store | None = None,
-               echo_request_id: bool = True) -> FastAPI:
+               metrics: GatewayMetrics | None = None, echo_request_id: bool = True) -> FastAPI:
     """The gateway app. `store`: where cache, keys, limits and usage live (default: from config.redis).
+    `metrics`: default a private prometheus_client registry (Ray deployments pass the Ray backend).
     `echo_request_id=False` behind Ray Serve's proxy, which sends x-request-id itself."""
-    services = build_services(config, engines, store)
+    services = build_services(config, engines, store, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

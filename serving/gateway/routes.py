@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from fastapi import Request
@@ -13,6 +14,7 @@ from serving.engine.protocol import ROUTE_KINDS, Route
 from serving.gateway.auth import Principal
 from serving.gateway.cache import StreamAssembler, replay
 from serving.gateway.errors import APIError
+from serving.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.relay import EventStream, answer
 from serving.gateway.services import Services, model_not_found
 
@@ -20,54 +22,128 @@ from serving.gateway.services import Services, model_not_found
 def openai_route(route: Route):
     async def handler(request: Request) -> Response:
         svc: Services = request.app.state.services
-        body = await read_body(request, svc.config.gateway.max_body_bytes)
-        payload = parse_object(body)
-        name = payload.get("model")
-        if not isinstance(name, str) or not name:
-            raise APIError(400, "You must provide a model parameter (a string).", param="model")
-        principal = await svc.auth.authenticate(request.headers.get("authorization"))
-        if not principal.may_use(name):
-            raise model_not_found(name)
-        model, engine = svc.registry.lookup(name)
-        if ROUTE_KINDS[route] != model.kind:
-            right = "/v1/embeddings" if model.kind == "embed" else "/v1/chat/completions or /v1/completions"
-            raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
-                           code="wrong_route")
-        headers = await svc.limiter.check(principal)
-        key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
-                                          payload, request.headers.get("cache-control"))
-        stream = payload.get("stream") is True
-        include_usage = stream and bool((payload.get("stream_options") or {}).get("include_usage"))
-        headers["x-cache"] = "bypass" if key is None or not read else "miss"
-        if key is not None and read:
-            entry = await svc.cache.get(key)
-            if entry is not None:
-                headers["x-cache"] = "hit"
-                svc.spawn(svc.limiter.record(principal, name, json.loads(entry).get("usage"), cached=True))
-                if stream:
-                    return EventStream(iter(replay(entry, route, include_usage)), headers=headers)
-                return Response(entry, media_type="application/json", headers=headers)
-        if stream and not include_usage:
-            # usage is needed for token limits and accounting; the extra chunk is taken out again
-            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            body = json.dumps(payload).encode()
-        tap = Accounting(svc, principal, name, route, strip_usage=stream and not include_usage,
-                         cache_key=key if write else None)
-        deadline = asyncio.get_running_loop().time() + svc.config.gateway.request_timeout_s
-        response = await answer(engine.generate(route, body, request.state.request_id), deadline, tap)
-        response.headers.update(headers)
+        watch = Watch(svc.metrics, route)
+        try:
+            response = await _serve(route, request, svc, watch)
+        except APIError as exc:
+            watch.refused(exc)
+            raise
+        except Exception:
+            watch.finish(500)
+            raise
+        if not isinstance(response, EventStream):  # a stream is finished by its tap when it ends
+            watch.finish(response.status_code)
         return response
 
     handler.__name__ = f"create_{route}"
     return handler
 
 
-class Accounting:
-    """The relay's tap: takes usage from the answer, fills the cache, records usage when it ends."""
+async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") -> Response:
+    body = await read_body(request, svc.config.gateway.max_body_bytes)
+    payload = parse_object(body)
+    name = payload.get("model")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "You must provide a model parameter (a string).", param="model")
+    principal = await svc.auth.authenticate(request.headers.get("authorization"))
+    if not principal.may_use(name):
+        raise model_not_found(name)
+    model, engine = svc.registry.lookup(name)
+    watch.begin(name)
+    if ROUTE_KINDS[route] != model.kind:
+        right = "/v1/embeddings" if model.kind == "embed" else "/v1/chat/completions or /v1/completions"
+        raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
+                       code="wrong_route")
+    headers = await svc.limiter.check(principal)
+    key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
+                                      payload, request.headers.get("cache-control"))
+    stream = payload.get("stream") is True
+    include_usage = stream and bool((payload.get("stream_options") or {}).get("include_usage"))
+    headers["x-cache"] = "bypass" if key is None or not read else "miss"
+    if key is not None and read:
+        entry = await svc.cache.get(key)
+        if entry is not None:
+            headers["x-cache"] = "hit"
+            watch.cache_result("hit")
+            svc.spawn(svc.limiter.record(principal, name, json.loads(entry).get("usage"), cached=True))
+            if stream:
+                return EventStream(watch.replayed(replay(entry, route, include_usage)), headers=headers)
+            return Response(entry, media_type="application/json", headers=headers)
+    watch.cache_result(headers["x-cache"])
+    if stream and not include_usage:
+        # usage is needed for token limits and accounting; the extra chunk is taken out again
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        body = json.dumps(payload).encode()
+    tap = Accounting(svc, principal, name, route, watch, strip_usage=stream and not include_usage,
+                     cache_key=key if write else None)
+    deadline = asyncio.get_running_loop().time() + svc.config.gateway.request_timeout_s
+    response = await answer(engine.generate(route, body, request.state.request_id), deadline, tap)
+    response.headers.update(headers)
+    return response
 
-    def __init__(self, svc: Services, principal: Principal, model: str, route: Route, *, strip_usage: bool,
-                 cache_key: str | None):
-        self.svc, self.principal, self.model = svc, principal, model
+
+class Watch:
+    """Metrics of one request: counted once when it ends, however it ends."""
+
+    def __init__(self, metrics: GatewayMetrics, route: Route):
+        self.metrics, self.route = metrics, route
+        self.model = UNKNOWN_MODEL
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.counted_in_flight = False
+        self.done = False
+
+    def begin(self, model: str) -> None:
+        self.model = model
+        self.started = self.metrics.started(model)
+        self.counted_in_flight = True
+
+    def cache_result(self, result: str) -> None:
+        self.metrics.cache.inc(1, {"model": self.model, "result": result})
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.started, {"model": self.model, "route": self.route})
+        self.last = now
+
+    def replayed(self, events: list[str]):
+        try:
+            for event in events:
+                self.chunk()
+                yield event
+        finally:
+            self.finish(200)
+
+    def refused(self, exc: APIError) -> None:
+        if exc.status == 401 or exc.code == "auth_unavailable":
+            self.metrics.auth_failures.inc(1, {"reason": exc.code or "unknown"})
+        elif exc.status == 429:
+            self.metrics.rate_limited.inc(1, {"model": self.model})
+        self.finish(exc.status)
+
+    def finish(self, status: int, usage: dict[str, Any] | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.counted_in_flight:
+            self.metrics.finished(self.model, self.route, status, self.started)
+        else:
+            self.metrics.requests.inc(1, {"model": self.model, "route": self.route, "status": str(status)})
+        self.metrics.tokens(self.model, usage)
+        tokens = (usage or {}).get("completion_tokens") or 0
+        if self.first is not None and self.last is not None and tokens > 1:
+            self.metrics.itl.observe((self.last - self.first) / (tokens - 1), {"model": self.model, "route": self.route})
+
+
+class Accounting:
+    """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
+
+    def __init__(self, svc: Services, principal: Principal, model: str, route: Route, watch: Watch, *,
+                 strip_usage: bool, cache_key: str | None):
+        self.svc, self.principal, self.model, self.watch = svc, principal, model, watch
         self.strip_usage = strip_usage
         self.cache_key = cache_key
         self.assembler = StreamAssembler(route) if cache_key else None
@@ -77,11 +153,13 @@ class Accounting:
         if status != 200:
             return
         self.usage = json.loads(body).get("usage")
+        self.svc.metrics.tokens(self.model, self.usage)
         self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
         if self.cache_key:
             self.svc.spawn(self.svc.cache.put(self.cache_key, body))
 
     def chunk(self, chunk: str) -> str:
+        self.watch.chunk()
         if self.assembler is not None:
             self.assembler.feed(chunk)
         if '"usage"' not in chunk:  # cheap test on every chunk; only the usage chunk has the field
@@ -98,6 +176,7 @@ class Accounting:
         return "\n\n".join(kept)
 
     def end(self) -> None:
+        self.watch.finish(200, self.usage)
         self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
         result = self.assembler.result() if self.assembler is not None else None
         if result is not None and self.cache_key:

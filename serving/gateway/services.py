@@ -14,6 +14,7 @@ from serving.gateway.auth import Authenticator
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError
 from serving.gateway.limits import Limiter
+from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.store import Resilient
 
 logger = logging.getLogger("serving.gateway")
@@ -63,6 +64,7 @@ class Services:
     auth: Authenticator
     limiter: Limiter
     cache: ResponseCache
+    metrics: GatewayMetrics
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, work: Coroutine) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 from serving.local import CPU_ENV
 from tests.support import RedisServer, free_port
 
 os.environ.update(CPU_ENV)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 API_KEY = "sk-test-integration-0123456789"
 # the engine tests read the model, not the cache; the cache has tests of its own
@@ -44,7 +50,7 @@ def platform_config(demo_dirs, redis_server):
     return load_config(data={
         "models": [chat, second, embed],
         # two gateway replicas: limits and counters must hold across them
-        "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5},
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5, "metrics_port": free_port()},
         "redis": {"url": redis_server.url, "timeout_s": 0.2, "retry_interval_s": 0.5},
         "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY}]},
     }, check_vllm=True)
@@ -59,7 +65,9 @@ def platform(platform_config) -> str:
     from serving.app import APP_NAME, build_app, logical_cpus_needed
 
     ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, include_dashboard=False,
-             namespace="serving-tests", log_to_driver=False)
+             namespace="serving-tests", log_to_driver=False,
+             _metrics_export_port=platform_config.gateway.metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})  # tests wait on exported metrics
     gateway = platform_config.gateway
     serve.start(http_options={"host": gateway.host, "port": gateway.port})
     serve.run(build_app(platform_config), name=APP_NAME, route_prefix="/")
@@ -83,3 +91,30 @@ def http(platform):
     with httpx.Client(base_url=platform.removesuffix("/v1"), timeout=120,
                       headers={"authorization": f"Bearer {API_KEY}", **NO_CACHE}) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def prometheus(platform_config, tmp_path_factory):
+    """A real Prometheus (Debian package) scraping the platform every second with our relabelling."""
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed (apt-get install prometheus); .ci/run installs it")
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config.pop("rule_files", None)
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{platform_config.gateway.metrics_port}"]}]
+    work = tmp_path_factory.mktemp("prometheus")
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(["prometheus", f"--config.file={work / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=(work / "log.txt").open("w"))
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def promql(base: str, query: str) -> list:
+    """Result vector of an instant PromQL query."""
+    response = httpx.get(f"{base}/api/v1/query", params={"query": query}, timeout=10).json()
+    assert response["status"] == "success", response
+    return response["data"]["result"]

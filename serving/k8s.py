@@ -1,0 +1,255 @@
+"""`serving status`: the platform's state on Kubernetes, read from the cluster API.
+
+Three sources, all through the Kubernetes API server (one kubeconfig, nothing else to reach):
+- the RayService custom object (ray.io/v1): KubeRay's view, i.e. whether it serves traffic, an
+  upgrade in progress, each Serve deployment's status, and serveConfigV2 (which names the models);
+- the Ray pods of its clusters: how many are Ready per group, and why the others are not;
+- Ray Serve's REST API on the head, through the API server's service proxy: each deployment's
+  replicas and their states. Optional: without RBAC for services/proxy (or when a NetworkPolicy
+  keeps the API server out) the report says so and shows target counts from the spec instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+import yaml
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
+IMPORT_PATH = "serving.app:app_builder"
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+def add_status_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serving status` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "status", help="show a RayService's state and each model's replicas and readiness (Kubernetes)")
+    parser.add_argument("--namespace", "-n", help="namespace (default: the kubeconfig context's, or 'default')")
+    parser.add_argument("--name", help="RayService name (default: the only serving RayService in the namespace)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--output", "-o", choices=["text", "json"], default="text", help="output format")
+    return parser
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """0: serving and every model ready; 1: reachable but not (yet) ready; 2: cannot tell (error)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api_client, namespace = connect(args.kubeconfig, getattr(args, "context", None), args.namespace)
+        status = collect_status(api_client, namespace, args.name)
+    except (LookupError, ApiException, OSError) as exc:
+        reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # kubernetes.config.ConfigException and friends: no usable kubeconfig
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if getattr(args, "output", "text") == "json" else render_text(status))
+    return 0 if status["ready"] else 1
+
+
+def connect(kubeconfig: str | None, context: str | None, namespace: str | None):
+    """An ApiClient and the namespace to look in, from a kubeconfig or the in-cluster service account."""
+    from kubernetes import client, config
+
+    try:
+        api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        if context:
+            contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+            active = next(c for c in contexts if c["name"] == context)
+        default_ns = active.get("context", {}).get("namespace") or "default"
+    except config.ConfigException:
+        if kubeconfig:
+            raise
+        config.load_incluster_config()
+        api_client = client.ApiClient()
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            default_ns = f.read().strip()
+    return api_client, namespace or default_ns
+
+
+def collect_status(api_client, namespace: str, name: str | None = None) -> dict[str, Any]:
+    """Everything `serving status` reports, as plain data (the JSON output)."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+    rayservice = _find_rayservice(custom, namespace, name)
+    name = rayservice["metadata"]["name"]
+    st = rayservice.get("status") or {}
+    conditions = {c["type"]: c for c in st.get("conditions", [])}
+    app_name, app_args = _app_of(rayservice)
+    active, pending = st.get("activeServiceStatus") or {}, st.get("pendingServiceStatus") or {}
+    serve, serve_error = _serve_details(client.CoreV1Api(api_client), namespace, name)
+    deployments = _deployments(app_name, app_args, active, serve)
+    ready_condition = conditions.get("Ready", {})
+    service_ready = ready_condition.get("status") == "True" if ready_condition else st.get("serviceStatus") == "Running"
+    return {
+        "namespace": namespace,
+        "name": name,
+        "ready": service_ready and bool(deployments) and all(d["ready"] for d in deployments),
+        "service_status": st.get("serviceStatus") or ready_condition.get("reason") or "Unknown",
+        "serving": service_ready,
+        "serve_endpoints": st.get("numServeEndpoints", 0),
+        "upgrade_in_progress": conditions.get("UpgradeInProgress", {}).get("status") == "True" or bool(pending),
+        "application": {"name": app_name, **_app_status(app_name, active)},
+        "clusters": [c for c in (_cluster(api_client, namespace, active, "active"),
+                                 _cluster(api_client, namespace, pending, "pending", app_name)) if c],
+        "deployments": deployments,
+        "replicas_source": "ray-serve" if serve else f"spec (Ray Serve API unavailable: {serve_error})",
+    }
+
+
+def _find_rayservice(custom, namespace: str, name: str | None) -> dict[str, Any]:
+    if name:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    ours = [i for i in items if IMPORT_PATH in (i.get("spec", {}).get("serveConfigV2") or "")]
+    if len(ours) == 1:
+        return ours[0]
+    names = ", ".join(i["metadata"]["name"] for i in ours) or "none"
+    raise LookupError(f"{len(ours)} serving RayServices in namespace {namespace} ({names}): pass --name")
+
+
+def _app_of(rayservice: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The application running serving.app and its args (serveConfigV2: the configuration model)."""
+    config = yaml.safe_load(rayservice.get("spec", {}).get("serveConfigV2") or "{}") or {}
+    for app in config.get("applications", []):
+        if app.get("import_path") == IMPORT_PATH:
+            return app.get("name", "serving"), app.get("args") or {}
+    raise LookupError(f"RayService {rayservice['metadata']['name']} runs no {IMPORT_PATH} application")
+
+
+def _deployment_name(model: dict[str, Any]) -> str:
+    from serving.config import ModelConfig
+
+    try:
+        return ModelConfig.model_validate(model).deployment_name
+    except ValueError:  # a model the installed package would reject: name it the same way anyway
+        return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", str(model.get("name")))
+
+
+def _target(model: dict[str, Any]) -> str:
+    if model.get("autoscaling"):
+        auto = model["autoscaling"]
+        return f"{auto.get('min_replicas', 1)}-{auto.get('max_replicas', 1)}"
+    return str(model.get("replicas", 1))
+
+
+def _app_status(app_name: str, service_status: dict[str, Any]) -> dict[str, str]:
+    app = (service_status.get("applicationStatuses") or {}).get(app_name) or {}
+    return {"status": app.get("status", "UNKNOWN"), "message": app.get("message", "")}
+
+
+def _deployments(app_name: str, args: dict[str, Any], active: dict[str, Any],
+                 serve: dict[str, Any] | None) -> list[dict[str, Any]]:
+    kuberay = ((active.get("applicationStatuses") or {}).get(app_name) or {}).get("serveDeploymentStatuses") or {}
+    live = (((serve or {}).get("applications") or {}).get(app_name) or {}).get("deployments") or {}
+    gateway = {"replicas": (args.get("gateway") or {}).get("replicas", 1)}
+    rows = [(GATEWAY_DEPLOYMENT, "(gateway)", [], gateway)] + [
+        (_deployment_name(m), m.get("name"), list((m.get("lora_adapters") or {})), m) for m in args.get("models", [])]
+    out = []
+    for deployment, model, adapters, spec in rows:
+        details = live.get(deployment) or {}
+        status = details.get("status") or (kuberay.get(deployment) or {}).get("status") or "UNKNOWN"
+        message = details.get("message") or (kuberay.get(deployment) or {}).get("message") or ""
+        replicas = details.get("replicas")
+        states: dict[str, int] = {}
+        for replica in replicas or []:
+            states[replica.get("state", "UNKNOWN")] = states.get(replica.get("state", "UNKNOWN"), 0) + 1
+        running = states.get("RUNNING", 0)
+        target = details.get("target_num_replicas")
+        out.append({
+            "model": model, "deployment": deployment, "adapters": adapters, "status": status, "message": message,
+            "replicas_running": running if replicas is not None else None,
+            "replicas_target": target if target is not None else (_target(spec) if spec else None),
+            "replica_states": states,
+            # HEALTHY (or scaling) with at least one running replica: the model answers requests
+            "ready": status in ("HEALTHY", "UPSCALING", "DOWNSCALING") and (replicas is None or running > 0),
+        })
+    return out
+
+
+def _serve_details(core, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
+    """Ray Serve's REST API (/api/serve/applications/) on the head, via the API server's service proxy."""
+    from kubernetes.client.exceptions import ApiException
+
+    configuration = core.api_client.configuration
+    saved = configuration.safe_chars_for_path_param
+    # the proxied path keeps its slashes (the client would send api%2Fserve%2F...), as kubectl does
+    configuration.safe_chars_for_path_param = "/"
+    try:
+        # _preload_content=False: the client would otherwise turn the JSON body into a Python repr
+        response = core.connect_get_namespaced_service_proxy_with_path(
+            f"{name}-head-svc:dashboard", namespace, "api/serve/applications/", _preload_content=False)
+        return json.loads(response.data), ""
+    except ApiException as exc:
+        return None, f"{exc.status} {exc.reason}"
+    except (ValueError, OSError) as exc:
+        return None, str(exc)
+    finally:
+        configuration.safe_chars_for_path_param = saved
+
+
+def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: str,
+             app_name: str | None = None) -> dict[str, Any] | None:
+    from kubernetes import client
+
+    cluster = service_status.get("rayClusterName")
+    if not cluster:
+        return None
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}")
+    groups: dict[str, dict[str, Any]] = {}
+    for pod in pods.items:
+        group = (pod.metadata.labels or {}).get("ray.io/group", "?")
+        entry = groups.setdefault(group, {"ready": 0, "total": 0, "waiting": []})
+        entry["total"] += 1
+        conditions = {c.type: c for c in (pod.status.conditions or [])}
+        if conditions.get("Ready") and conditions["Ready"].status == "True":
+            entry["ready"] += 1
+        else:
+            why = conditions.get("PodScheduled")
+            reason = why.message if why is not None and why.status == "False" else pod.status.phase
+            entry["waiting"].append(f"{pod.metadata.name}: {reason}")
+    out = {"name": cluster, "role": role, "pods": groups}
+    if app_name:
+        out["application"] = _app_status(app_name, service_status)
+    return out
+
+
+def render_text(status: dict[str, Any]) -> str:
+    state = "Ready" if status["serving"] else "not serving"
+    lines = [f"RayService {status['namespace']}/{status['name']}: {state} ({status['service_status']}), "
+             f"{status['serve_endpoints']} serve endpoint(s)"]
+    if status["upgrade_in_progress"]:
+        lines.append("  upgrade in progress: traffic stays on the active cluster until the new one is ready")
+    for cluster in status["clusters"]:
+        pods = ", ".join(f"{g} {p['ready']}/{p['total']} ready" for g, p in sorted(cluster["pods"].items())) or "no pods"
+        app = f"; application {cluster['application']['status']}" if "application" in cluster else ""
+        lines.append(f"  cluster {cluster['name']} ({cluster['role']}): {pods}{app}")
+        for group in cluster["pods"].values():
+            lines += [f"    waiting: {w}" for w in group["waiting"]]
+    app = status["application"]
+    lines.append(f"application {app['name']}: {app['status']}" + (f" - {app['message']}" if app["message"] else ""))
+    rows = [("MODEL", "DEPLOYMENT", "STATUS", "REPLICAS", "READY")]
+    for d in status["deployments"]:
+        running = "?" if d["replicas_running"] is None else d["replicas_running"]
+        others = ", ".join(f"{n} {s}" for s, n in sorted(d["replica_states"].items()) if s != "RUNNING")
+        rows.append((d["model"], d["deployment"], d["status"],
+                     f"{running}/{d['replicas_target']}" + (f" ({others})" if others else ""),
+                     "yes" if d["ready"] else "no"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    for d in status["deployments"]:
+        if d["adapters"]:
+            lines.append(f"  {d['model']} serves LoRA adapters: {', '.join(d['adapters'])}")
+        if d["message"] and not d["ready"]:
+            lines.append(f"  {d['deployment']}: {d['message']}")
+    lines.append(f"replicas from {status['replicas_source']}")
+    return "\n".join(lines)
