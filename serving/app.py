@@ -8,7 +8,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import ModelConfig, ServingConfig
-from serving.engine.remote import RemoteEngine
+from serving.engine.remote import RemoteEngine, ReplicaCounter
 from serving.engine.server import ModelServer
 
 APP_NAME = "serving"
@@ -20,7 +20,8 @@ class Gateway:
 
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]):
         self.config = ServingConfig.model_validate(config)
-        self.engines = {name: RemoteEngine(handle) for name, handle in models.items()}
+        replicas = ReplicaCounter(APP_NAME)
+        self.engines = {m.name: RemoteEngine(models[m.name], m.deployment_name, replicas) for m in self.config.models}
 
     def __serve_build_asgi_app__(self):
         from serving.gateway.app import create_app
@@ -44,6 +45,7 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "name": model.deployment_name,
         "ray_actor_options": actor,
         "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
         # loading weights and warming up vLLM takes minutes on big models
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,

@@ -103,6 +103,11 @@ class ModelConfig(_Strict):
     max_ongoing_requests: int = Field(
         256, ge=1, description="Requests one replica takes at once; beyond it Ray Serve queues."
     )
+    max_queued_requests: int = Field(
+        512, ge=1,
+        description="Requests each gateway replica queues for this model beyond what its replicas take; "
+        "beyond that, 503 with Retry-After at once instead of waiting without bound.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the model's replicas."
     )
@@ -146,6 +151,11 @@ class GatewayConfig(_Strict):
     )
     max_ongoing_requests: int = Field(1000, ge=1, description="Requests one gateway replica takes at once.")
     cpus: float = Field(1, ge=0, description="Logical CPUs reserved per gateway replica.")
+    max_messages: int = Field(2048, ge=1, description="Most `messages` in one chat request (400 beyond).")
+    max_tools: int = Field(256, ge=0, description="Most `tools` in one chat request (400 beyond).")
+    reject_unknown_fields: bool = Field(
+        True, description="400 for request fields vLLM does not know (vLLM itself would ignore them silently)."
+    )
     metrics_port: int = Field(
         8080, ge=1, le=65535,
         description="Per-node Prometheus endpoint (Ray's metrics agent) that `serving up` starts Ray with.",

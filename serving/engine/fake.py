@@ -38,8 +38,10 @@ class FakeEngine:
     fail_after: raise after this many tokens of a stream (to test in-band errors).
     """
 
-    def __init__(self, name: str, *, ttft_s: float = 0.0, itl_s: float = 0.0, dim: int = 8, fail_after: int | None = None):
+    def __init__(self, name: str, *, ttft_s: float = 0.0, itl_s: float = 0.0, dim: int = 8, fail_after: int | None = None,
+                 max_model_len: int = 4096):
         self.name = name
+        self.max_model_len = max_model_len
         self.ttft_s, self.itl_s, self.dim, self.fail_after = ttft_s, itl_s, dim, fail_after
         self.started: list[str] = []  # request ids seen
         self.aborted: list[str] = []  # request ids whose stream was closed before the end
@@ -71,8 +73,8 @@ class FakeEngine:
                          "messages" if route == "chat" else "prompt")
             return
         max_tokens = request.get("max_completion_tokens") or request.get("max_tokens") or 16
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            yield _error(400, "max_tokens must be at least 1", "max_tokens")
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_model_len:
+            yield _error(400, f"max_tokens must be between 1 and {self.max_model_len}", "max_tokens")
             return
         words = self._words(prompt, max_tokens)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),

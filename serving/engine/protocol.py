@@ -32,6 +32,14 @@ class Reply:
         return self.body is None
 
 
+class EngineOverloaded(Exception):
+    """The model's request queue is full: the caller answers 503 with Retry-After at once."""
+
+
+class EngineUnavailable(Exception):
+    """The model has no ready replica (loading, or replaced after a crash)."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """One served model (and its LoRA adapters).

@@ -21,17 +21,40 @@ from serving.gateway.errors import APIError, install_error_handlers
 from serving.gateway.limits import Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
+from serving.gateway import schemas as request_schemas
 from serving.gateway.routes import openai_route
 from serving.gateway.services import Registry, Services
 from serving.gateway.store import Resilient, Store, build_store
 
 _ROUTES: dict[Route, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
-_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["model"],
-    "properties": {"model": {"type": "string", "description": "A name from GET /v1/models."}},
-    "additionalProperties": True,
-}
+_ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}}}}
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    """The OpenAPI operation of an OpenAI route: vLLM's own request schema, our error envelope."""
+    # vLLM lets `model` default to its one model; the gateway serves many, so it is required here
+    schema = {"allOf": [request_schemas.load()["routes"][route],
+                        {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}]}
+    content = {"application/json": {}} if route == "embedding" else \
+        {"application/json": {}, "text/event-stream": {"description": "SSE stream when `stream` is true"}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"200": {"description": "The answer", "content": content},
+                          **{str(code): _ERROR for code in (400, 401, 404, 413, 415, 429, 503, 504)}}}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas.load()["components"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def get_services(request: Request) -> Services:
@@ -103,8 +126,8 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
 
     for route, path in _ROUTES.items():
         app.add_api_route(path, openai_route(route), methods=["POST"], response_model=None,
-                          openapi_extra={"requestBody": {"required": True, "content": {
-                              "application/json": {"schema": _REQUEST_SCHEMA}}}})
+                          openapi_extra=_operation(route))
+    _install_openapi(app)
     return app
 
 

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.engine.protocol import Reply
+from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply
 from serving.gateway.errors import APIError, error_event, error_response, logger
 
 DONE = "data: [DONE]\n\n"
@@ -49,6 +49,12 @@ async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) 
         raise
     except StopAsyncIteration:
         raise APIError(503, "The model ended the request without an answer.", code="engine_error") from None
+    except EngineOverloaded:
+        raise APIError(503, "The model is overloaded: its request queue is full. Retry shortly.",
+                       code="model_overloaded", headers={"retry-after": "1"}) from None
+    except EngineUnavailable:
+        raise APIError(503, "The model has no ready replica (loading or restarting). Retry shortly.",
+                       code="model_not_ready", headers={"retry-after": "5"}) from None
     except Exception as exc:
         await close(stream)
         logger.warning("engine call failed: %r", exc)

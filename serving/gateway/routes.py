@@ -10,12 +10,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from serving.config import GatewayConfig
 from serving.engine.protocol import ROUTE_KINDS, Route
 from serving.gateway.auth import Principal
 from serving.gateway.cache import StreamAssembler, replay
 from serving.gateway.errors import APIError
 from serving.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.relay import EventStream, answer
+from serving.gateway.schemas import known_fields
 from serving.gateway.services import Services, model_not_found
 
 
@@ -54,11 +56,15 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         right = "/v1/embeddings" if model.kind == "embed" else "/v1/chat/completions or /v1/completions"
         raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
                        code="wrong_route")
+    check_shape(route, payload, svc.config.gateway)
     headers = await svc.limiter.check(principal)
     key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
                                       payload, request.headers.get("cache-control"))
     stream = payload.get("stream") is True
-    include_usage = stream and bool((payload.get("stream_options") or {}).get("include_usage"))
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "`stream_options` must be an object.", param="stream_options")
+    include_usage = stream and bool((options or {}).get("include_usage"))
     headers["x-cache"] = "bypass" if key is None or not read else "miss"
     if key is not None and read:
         entry = await svc.cache.get(key)
@@ -72,7 +78,7 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
     watch.cache_result(headers["x-cache"])
     if stream and not include_usage:
         # usage is needed for token limits and accounting; the extra chunk is taken out again
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
         body = json.dumps(payload).encode()
     tap = Accounting(svc, principal, name, route, watch, strip_usage=stream and not include_usage,
                      cache_key=key if write else None)
@@ -197,6 +203,20 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"Request body is larger than {limit} bytes.")
         parts.append(part)
     return b"".join(parts)
+
+
+def check_shape(route: Route, payload: dict[str, Any], gateway: GatewayConfig) -> None:
+    """What vLLM would not refuse but a serving layer must: unknown fields, too many messages or tools."""
+    if gateway.reject_unknown_fields:
+        unknown = sorted(set(payload) - known_fields(route))
+        if unknown:
+            raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
+                           code="unknown_parameter")
+    for field, limit in (("messages", gateway.max_messages), ("tools", gateway.max_tools)):
+        value = payload.get(field)
+        if isinstance(value, list) and len(value) > limit:
+            raise APIError(400, f"`{field}` has {len(value)} items; at most {limit} are allowed.", param=field,
+                           code="too_many_items")
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
