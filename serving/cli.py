@@ -34,14 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path)
     config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
+    from serving.k8s import add_status_parser, run_status
     from serving.keys import add_keys_parser, run_keys
 
     add_keys_parser(sub)
+    add_status_parser(sub)
 
     args = parser.parse_args(argv)
     try:
         if args.command == "keys":
             return run_keys(args)
+        if args.command == "status":
+            return run_status(args)
         if args.command == "up":
             return _up(args)
         if args.command == "demo-model":

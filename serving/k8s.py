@@ -60,15 +60,18 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None):
 
     try:
         api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
-        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
         if context:
-            contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
             active = next(c for c in contexts if c["name"] == context)
         default_ns = active.get("context", {}).get("namespace") or "default"
-    except config.ConfigException:
+    except config.ConfigException as exc:
         if kubeconfig:
             raise
-        config.load_incluster_config()
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise LookupError(f"no usable kubeconfig ({exc}; pass --kubeconfig or set KUBECONFIG) "
+                              "and not running inside a cluster") from None
         api_client = client.ApiClient()
         with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
             default_ns = f.read().strip()

@@ -1,0 +1,260 @@
+{{/* ---------------------------------------------------------------- names and labels */}}
+
+{{/* Chart name, overridable. */}}
+{{- define "serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Resource-name prefix: <release>-<chart>, or the release alone when it already holds the chart name.
+Kept to 40 characters: KubeRay derives longer names from the RayService name
+(<name>-raycluster-xxxxx-head-svc, worker pod names) that must stay within 63.
+*/}}
+{{- define "serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart-version label value */}}
+{{- define "serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object the chart renders (metadata only). helm.sh/chart and the app version change
+with each release, so they never go into selectors nor into Ray pod templates (a pod-template
+change makes KubeRay roll a whole new Ray cluster, i.e. reload every model).
+*/}}
+{{- define "serving.labels" -}}
+helm.sh/chart: {{ include "serving.chart" . }}
+{{ include "serving.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: serving
+{{- end }}
+
+{{/* Selector labels: stable across upgrades (name and release only). */}}
+{{- define "serving.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "ray"). */}}
+{{- define "serving.componentSelectorLabels" -}}
+{{ include "serving.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- images */}}
+
+{{- define "serving.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.variant) -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- secrets */}}
+
+{{/* Name of the Secret holding the Hugging Face token ("" when there is none). */}}
+{{- define "serving.hfSecretName" -}}
+{{- if .Values.huggingface.existingSecret -}}
+{{- .Values.huggingface.existingSecret -}}
+{{- else if .Values.huggingface.token -}}
+{{- printf "%s-hf-token" (include "serving.fullname" .) -}}
+{{- end -}}
+{{- end }}
+
+{{- define "serving.hfSecretKey" -}}
+{{- if .Values.huggingface.existingSecret }}{{ .Values.huggingface.existingSecretKey }}{{ else }}token{{ end -}}
+{{- end }}
+
+{{/* Whether the chart runs its own Redis. */}}
+{{- define "serving.redisBundled" -}}
+{{- if and .Values.redis.enabled (not .Values.redis.external.url) -}}true{{- end -}}
+{{- end }}
+
+{{- define "serving.redisName" -}}
+{{- printf "%s-redis" (include "serving.fullname" .) -}}
+{{- end }}
+
+{{/* host:port of the Redis the platform uses (bundled or external). */}}
+{{- define "serving.redisAddress" -}}
+{{- if include "serving.redisBundled" . -}}
+{{- printf "%s.%s.svc:6379" (include "serving.redisName" .) .Release.Namespace -}}
+{{- else -}}
+{{- $rest := regexReplaceAll "^rediss?://([^@/]*@)?" .Values.redis.external.url "" -}}
+{{- regexReplaceAll "/.*$" $rest "" -}}
+{{- end -}}
+{{- end }}
+
+{{- define "serving.redisUrl" -}}
+{{- if include "serving.redisBundled" . -}}
+{{- printf "redis://%s/0" (include "serving.redisAddress" .) -}}
+{{- else -}}
+{{- .Values.redis.external.url -}}
+{{- end -}}
+{{- end }}
+
+{{/* Name of the Secret holding the Redis password ("" when there is none). */}}
+{{- define "serving.redisSecretName" -}}
+{{- if include "serving.redisBundled" . -}}
+{{- .Values.redis.auth.existingSecret | default (include "serving.redisName" .) -}}
+{{- else if .Values.redis.enabled -}}
+{{- .Values.redis.external.existingSecret -}}
+{{- end -}}
+{{- end }}
+
+{{- define "serving.redisSecretKey" -}}
+{{- if include "serving.redisBundled" . -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretPasswordKey }}{{ else }}redis-password{{ end -}}
+{{- else -}}
+{{- .Values.redis.external.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end }}
+
+{{/* The API-key Secret the gateway bootstraps from. */}}
+{{- define "serving.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "serving.fullname" .)) -}}
+{{- end }}
+
+{{- define "serving.apiKeysSecretKey" -}}
+{{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecretKey }}{{ else }}keys.json{{ end -}}
+{{- end }}
+
+{{/*
+Whether the gateway gets SERVING_AUTH__KEYS: an existing Secret, chart keys or the test key.
+*/}}
+{{- define "serving.apiKeysEnabled" -}}
+{{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys .Values.apiKeys.generateTestKey -}}true{{- end -}}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Ray pods */}}
+
+{{/*
+Environment of every Ray container. Ray Serve replicas (gateway and models) inherit the raylet's
+environment, so these reach the configuration model as SERVING_* overrides and vLLM as HF_*.
+*/}}
+{{- define "serving.rayEnv" -}}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.modelCache.mountPath) | quote }}
+{{- if include "serving.hfSecretName" . }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "serving.hfSecretName" . }}
+      key: {{ include "serving.hfSecretKey" . }}
+{{- end }}
+{{- if .Values.huggingface.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- if .Values.redis.enabled }}
+- name: SERVING_REDIS__URL
+  value: {{ include "serving.redisUrl" . | quote }}
+{{- if include "serving.redisSecretName" . }}
+- name: SERVING_REDIS__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "serving.redisSecretName" . }}
+      key: {{ include "serving.redisSecretKey" . }}
+{{- end }}
+{{- end }}
+{{- if include "serving.apiKeysEnabled" . }}
+# the configuration model's auth.keys (JSON list of APIKeySpec)
+- name: SERVING_AUTH__KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "serving.apiKeysSecretName" . }}
+      key: {{ include "serving.apiKeysSecretKey" . }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes of every Ray pod: /dev/shm sized for vLLM and Ray's object store, and the model cache. */}}
+{{- define "serving.rayVolumes" -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSize | quote }}
+- name: models-cache
+{{- if .ctx.Values.modelCache.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ .ctx.Values.modelCache.existingClaim | default (printf "%s-models-cache" (include "serving.fullname" .ctx)) }}
+{{- else }}
+  emptyDir:
+  {{- with .ctx.Values.modelCache.emptyDirSizeLimit }}
+    sizeLimit: {{ . | quote }}
+  {{- else }} {}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "serving.rayVolumeMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+- name: models-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- the configuration model */}}
+
+{{/*
+The Ray Serve config (serveConfigV2): one application whose args ARE the configuration model
+(its sections verbatim from values) for serving.app:app_builder. http_options come from the same
+gateway section, so the proxy listens where the Service and probes point. Secrets are not here:
+the Ray pods get them as SERVING_* variables (serving.rayEnv), which override args.
+*/}}
+{{- define "serving.serveConfig" -}}
+{{- $args := dict "models" .Values.models "gateway" .Values.gateway "cache" .Values.cache "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
+proxy_location: EveryNode
+http_options:
+  host: {{ .Values.gateway.host | default "0.0.0.0" | quote }}
+  port: {{ include "serving.gatewayPort" . }}
+applications:
+  - name: serving
+    import_path: serving.app:app_builder
+    route_prefix: /
+    args:
+      {{- toYaml $args | nindent 6 }}
+{{- end }}
+
+{{- define "serving.gatewayPort" -}}
+{{- .Values.gateway.port | default 8000 | int -}}
+{{- end }}
+
+{{/* Each Ray pod's metrics agent port: the configuration's gateway.metrics_port. */}}
+{{- define "serving.metricsPort" -}}
+{{- .Values.gateway.metrics_port | default 8080 | int -}}
+{{- end }}
+
+{{/* Logical CPUs the head advertises: exactly what the gateway replicas reserve. */}}
+{{- define "serving.headCpus" -}}
+{{- $g := .Values.gateway -}}
+{{- $cpus := hasKey $g "cpus" | ternary $g.cpus 1 | float64 -}}
+{{- $replicas := $g.replicas | default 1 | float64 -}}
+{{- mulf $cpus $replicas | ceil | int -}}
+{{- end }}
+
+{{/* Worker group of one model: gpu-<accelerator type>, gpu, or cpu. */}}
+{{- define "serving.modelGroup" -}}
+{{- $res := .resources | default dict -}}
+{{- $gpus := $res.gpus | default 0 | float64 -}}
+{{- if gt $gpus 0.0 -}}
+{{- if $res.accelerator_type -}}
+{{- printf "gpu-%s" (regexReplaceAll "[^a-z0-9]+" (lower $res.accelerator_type) "-" | trimAll "-") | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+gpu
+{{- end -}}
+{{- else -}}
+cpu
+{{- end -}}
+{{- end }}
