@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving import __version__
 from serving.config import ModelConfig, ServingConfig
 from serving.engine.remote import RemoteEngine, ReplicaCounter
 from serving.engine.server import ModelServer
@@ -58,22 +62,41 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+def _version(*parts: Any) -> str:
+    """A deployment version from what its replicas are built from.
+
+    Without one, Ray Serve gives every deployment a random version on each `serve.run`, so any
+    change (one model's replica count, a new model) would restart every vLLM engine. With it, a
+    redeploy restarts only deployments whose own arguments changed; replica counts scale in place."""
+    def reveal(value: Any) -> Any:
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    text = json.dumps([__version__, *parts], sort_keys=True, default=reveal)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def build_app(config: ServingConfig, *, engine: str = "vllm", fake_options: dict[str, Any] | None = None):
     """The Ray Serve application for a configuration; `engine="fake"` swaps vLLM for the fake engine."""
-    models = {
-        model.name: serve.deployment(ModelServer)
-        .options(**model_deployment_options(model))
-        .bind(model.model_dump(mode="json"), engine, fake_options)
-        for model in config.models
-    }
+    models = {}
+    for model in config.models:
+        args = (model.model_dump(mode="json"), engine, fake_options)
+        options = model_deployment_options(model)
+        # replica counts are deployment settings, not replica arguments: changing them scales in place
+        identity = {k: v for k, v in args[0].items() if k not in ("replicas", "autoscaling")}
+        models[model.name] = serve.deployment(ModelServer).options(
+            **options, version=_version(identity, engine, fake_options), _internal=True).bind(*args)
+    # python mode keeps secrets (API keys, Redis password) that JSON mode would mask
+    gateway_args = config.model_dump()
     gateway = serve.deployment(Gateway).options(
         name="gateway",
         num_replicas=config.gateway.replicas,
         max_ongoing_requests=config.gateway.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.gateway.cpus},
+        # the gateway holds the whole configuration: any change rolls its replicas, one at a time
+        version=_version(gateway_args),
+        _internal=True,
     )
-    # python mode keeps secrets (API keys, Redis password) that JSON mode would mask
-    return gateway.bind(config.model_dump(), models)
+    return gateway.bind(gateway_args, models)
 
 
 def app_builder(args: dict[str, Any]):
