@@ -61,7 +61,7 @@ class Authenticator:
             digest(k.key.get_secret_value()): {"name": k.name, "models": k.models, "rpm": k.rpm, "tpm": k.tpm}
             for k in config.keys
         }
-        self._verified: dict[str, tuple[float, Principal]] = {}
+        self._verified: dict[str, tuple[float, Principal, float]] = {}  # digest -> (trust until, who, expiry)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
@@ -74,20 +74,23 @@ class Authenticator:
         if d in self._static:
             return _principal(d, self._static[d])
         cached = self._verified.get(d)
-        if cached and cached[0] > self._clock():
+        now = self._clock()
+        if cached and cached[0] > now:
             return cached[1]
         try:
             record = await self._store.call("key_get", d)
         except StoreUnavailable:
-            if cached:  # known a moment ago: keep serving it through the outage
+            if cached and cached[2] > now:  # known a moment ago and not expired: serve it through the outage
                 return cached[1]
             raise APIError(503, "API keys cannot be checked right now; retry shortly.", code="auth_unavailable",
                            headers={"retry-after": "2"}) from None
-        if record is None or (record.get("expires_at") and record["expires_at"] < self._clock()):
+        if record is None or (record.get("expires_at") and record["expires_at"] < now):
             self._verified.pop(d, None)
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         principal = _principal(d, record)
-        self._verified[d] = (self._clock() + VERIFIED_TTL_S, principal)
+        expires = record.get("expires_at") or float("inf")
+        # trusted without asking Redis for a few seconds, but never past the key's expiry
+        self._verified[d] = (min(now + VERIFIED_TTL_S, expires), principal, expires)
         return principal
 
 

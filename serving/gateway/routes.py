@@ -154,6 +154,7 @@ class Accounting:
         self.cache_key = cache_key
         self.assembler = StreamAssembler(route) if cache_key else None
         self.usage: dict[str, Any] | None = None
+        self.events = 0  # streamed events with output, to count tokens of a stream cut before its usage chunk
 
     def body(self, status: int, body: bytes) -> None:
         if status != 200:
@@ -166,6 +167,7 @@ class Accounting:
 
     def chunk(self, chunk: str) -> str:
         self.watch.chunk()
+        self.events += chunk.count('"choices":[{')
         if self.assembler is not None:
             self.assembler.feed(chunk)
         if '"usage"' not in chunk:  # cheap test on every chunk; only the usage chunk has the field
@@ -182,6 +184,10 @@ class Accounting:
         return "\n\n".join(kept)
 
     def end(self) -> None:
+        if self.usage is None and self.events:
+            # the stream ended before vLLM's usage chunk (client gone, engine failure): count at least one
+            # token per event sent, so hanging up early does not escape the token limit
+            self.usage = {"prompt_tokens": 0, "completion_tokens": self.events}
         self.watch.finish(200, self.usage)
         self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
         result = self.assembler.result() if self.assembler is not None else None

@@ -88,9 +88,14 @@ return 1
 class RedisStore:
     def __init__(self, url: str, *, password: str | None = None, prefix: str = "serving:", max_connections: int = 64):
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
+        # one immediate retry: after a Redis restart every pooled connection is stale once, and without
+        # it each would fail a request and trip the circuit breaker again
         self._redis = redis.Redis.from_url(url, password=password, max_connections=max_connections,
-                                           socket_connect_timeout=1, health_check_interval=30)
+                                           socket_connect_timeout=1, health_check_interval=30,
+                                           retry=Retry(NoBackoff(), 1))
         self._p = prefix
         self._rate = self._redis.register_script(RATE_CHECK)
         self._tokens = self._redis.register_script(TOKENS_ADD)

@@ -23,6 +23,11 @@ API_KEY = "sk-test-integration-0123456789"
 NO_CACHE = {"cache-control": "no-cache, no-store"}
 
 
+def pytest_collection_modifyitems(items):
+    """The fault suite kills and redeploys parts of the shared platform: it runs after everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     server = RedisServer().start()
@@ -45,8 +50,10 @@ def platform_config(demo_dirs, redis_server):
     from serving.local import CPU_ENGINE_ARGS, local_models
 
     chat, embed = local_models(demo_dirs["a"].parent)
+    # demo-chat-b has a small queue, so the fault suite can overload it
     second = {**chat, "name": "demo-chat-b", "source": str(demo_dirs["b"]), "lora_adapters": {},
-              "engine_args": {**CPU_ENGINE_ARGS, "max_model_len": 1024}, "server_args": {}}
+              "engine_args": {**CPU_ENGINE_ARGS, "max_model_len": 1024}, "server_args": {},
+              "max_ongoing_requests": 4, "max_queued_requests": 4}
     return load_config(data={
         "models": [chat, second, embed],
         # two gateway replicas: limits and counters must hold across them

@@ -1,0 +1,157 @@
+"""Helpers of the Redis-backed gateway tests: configurations, apps, clients, SSE parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import openai
+
+from serving.config import ServingConfig, load_config
+from serving.engine.fake import FakeEngine
+
+CHAT = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens for the FakeEngine
+PROMPT_TOKENS = 4
+
+MODELS = [
+    {"name": "tiny", "source": "/models/tiny", "lora_adapters": {"tiny-lora": "/adapters/tiny-lora"}},
+    {"name": "other", "source": "/models/other"},
+    {"name": "embedder", "source": "/models/embedder", "kind": "embed"},
+]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def make_config(redis_url: str | None, models: list[dict] | None = None, **sections: Any) -> ServingConfig:
+    """Three models on `redis_url`; auth off unless a section says otherwise; the rest as given.
+
+    The Redis timeout is generous (the default 0.25 s can pass on a loaded CI machine, and one timeout
+    turns the store off for retry_interval_s); the failure tests set their own short one."""
+    data = {"models": models or MODELS, "redis": {"url": redis_url, "timeout_s": 2.0, "retry_interval_s": 0.2},
+            "auth": {"enabled": False}}
+    return load_config(data=_merge(data, sections))
+
+
+def make_engines(**overrides: Any) -> dict[str, Any]:
+    engines: dict[str, Any] = {"tiny": FakeEngine("tiny"), "other": FakeEngine("other"),
+                               "embedder": FakeEngine("embedder")}
+    engines.update(overrides)
+    return engines
+
+
+def client_for(app, key: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers,
+                             timeout=30, **kwargs)
+
+
+def sdk_for(app, key: str | None = None, *, max_retries: int = 0, **client_kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key=key or "unused", max_retries=max_retries,
+                              http_client=client_for(app, **client_kwargs))
+
+
+def chat_body(*, model: str = "tiny", max_tokens: int = 6, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": CHAT, "max_tokens": max_tokens, "temperature": 0, **fields}
+
+
+async def post_chat(client: httpx.AsyncClient, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
+    return await client.post("/v1/chat/completions", json=chat_body(**fields), headers=headers or {})
+
+
+def assert_envelope(response: httpx.Response, status: int, *, code: Any = None) -> dict:
+    """The OpenAI error envelope; returns the inner error."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["code"] == code, error
+    return error
+
+
+def sse_payloads(text: str) -> list[str]:
+    """Check SSE framing (`data: <payload>\\n\\n` only, ending with one [DONE]) and return the payloads."""
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    events = text.split("\n\n")
+    assert events[-1] == ""
+    payloads = []
+    for event in events[:-1]:
+        assert event.startswith("data: "), event
+        assert "\n" not in event, event
+        payloads.append(event[len("data: "):])
+    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
+    return payloads[:-1]
+
+
+def sse_json(text: str) -> list[dict]:
+    return [json.loads(p) for p in sse_payloads(text)]
+
+
+async def settle(app) -> None:
+    """Wait for the gateway's bookkeeping after responses (usage, token counts, cache writes)."""
+    for _ in range(3):
+        await app.state.services.drain()
+        await asyncio.sleep(0)
+
+
+def ratelimit_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
+
+
+async def wait_for(predicate, timeout: float = 2.0, interval: float = 0.01) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | None = None) -> list[dict]:
+    """POST `body` to /v1/chat/completions as a raw ASGI client that goes away after `after_chunks`
+    body chunks (httpx's ASGI transport reads whole responses, so it cannot hang up mid-stream)."""
+    raw = json.dumps(body).encode()
+    headers = [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
+        "headers": headers,
+    }
+    gone = asyncio.Event()
+    sent: list[dict] = []
+    request_sent = False
+
+    async def receive() -> dict:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set():
+            raise OSError("client disconnected")
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            if sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
+                gone.set()
+
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    except OSError:
+        pass
+    return sent
