@@ -1,12 +1,17 @@
-"""Helpers shared by the test suites: free ports and a real redis-server."""
+"""Helpers shared by the test suites: free ports, a real redis-server, SSE parsing."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
+
+import redis
 
 
 def free_port() -> int:
@@ -16,36 +21,88 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server (Debian package) on a free loopback port; stop() and start() for fault tests."""
+    """One redis-server process that can be stopped and started again on the same port."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, workdir: Path | None = None):
         if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="redis-")
-        self.proc: subprocess.Popen | None = None
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="redis-"))
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.paused = False
 
     @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        assert not self.running, "redis-server is already running"
+        log = open(self.workdir / "redis.log", "ab")
+        self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+             "--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5) as client:
+                    if client.ping():
                         return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+            except redis.RedisError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: "
+                                   f"{(self.workdir / 'redis.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING in time")
+            time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        """Stop the server (its clients' connections are closed, new ones are refused)."""
+        self.resume()
+        if not self.running:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections still open, but nothing is answered."""
+        assert self.running and not self.paused
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.running:
+            self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+    def flushall(self) -> None:
+        with self.client() as client:
+            client.flushall()
+
+
+def sse_payloads(text: str) -> list[str]:
+    """Check SSE framing (`data: <payload>\\n\\n` only, ending with one [DONE]) and return the payloads."""
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    events = text.split("\n\n")
+    assert events[-1] == ""
+    payloads = []
+    for event in events[:-1]:
+        assert event.startswith("data: "), event
+        assert "\n" not in event, event
+        payloads.append(event[len("data: "):])
+    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
+    return payloads[:-1]
+
+
+def sse_json(text: str) -> list[dict]:
+    return [json.loads(p) for p in sse_payloads(text)]

@@ -11,6 +11,7 @@ import openai
 
 from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
+from tests.support import sse_json, sse_payloads  # noqa: F401 - re-exported for the redis tests
 
 CHAT = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens for the FakeEngine
 PROMPT_TOKENS = 4
@@ -76,24 +77,6 @@ def assert_envelope(response: httpx.Response, status: int, *, code: Any = None) 
     assert isinstance(error["message"], str) and error["message"]
     assert error["code"] == code, error
     return error
-
-
-def sse_payloads(text: str) -> list[str]:
-    """Check SSE framing (`data: <payload>\\n\\n` only, ending with one [DONE]) and return the payloads."""
-    assert text.endswith("data: [DONE]\n\n"), text[-300:]
-    events = text.split("\n\n")
-    assert events[-1] == ""
-    payloads = []
-    for event in events[:-1]:
-        assert event.startswith("data: "), event
-        assert "\n" not in event, event
-        payloads.append(event[len("data: "):])
-    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
-    return payloads[:-1]
-
-
-def sse_json(text: str) -> list[dict]:
-    return [json.loads(p) for p in sse_payloads(text)]
 
 
 async def settle(app) -> None:

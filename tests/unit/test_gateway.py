@@ -24,6 +24,7 @@ from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Engine, Reply
 from serving.gateway.app import create_app
+from tests.support import sse_json, sse_payloads
 
 MASKED = "The server had an error while processing your request."
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -83,24 +84,6 @@ def assert_envelope(response: httpx.Response, status: int, *, code: Any = None, 
     assert error["param"] == param
     assert "x-request-id" in response.headers
     return error
-
-
-def sse_payloads(text: str) -> list[str]:
-    """Check the SSE framing (`data: <payload>\\n\\n` only, one final [DONE]) and return the payloads."""
-    assert text.endswith("data: [DONE]\n\n"), text[-200:]
-    events = text.split("\n\n")
-    assert events[-1] == ""
-    payloads = []
-    for event in events[:-1]:
-        assert event.startswith("data: "), event
-        assert "\n" not in event, event
-        payloads.append(event[len("data: "):])
-    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
-    return payloads[:-1]
-
-
-def sse_json(text: str) -> list[dict]:
-    return [json.loads(p) for p in sse_payloads(text)]
 
 
 @pytest.fixture
