@@ -13,6 +13,12 @@ from pathlib import Path
 from serving.config import ConfigError, ServingConfig, dump_config, load_config
 
 
+# Ray Serve's throughput mode: the ingress replica serves HTTP itself (no extra proxy hop), handles
+# talk gRPC, user code runs on the replica's main loop. It doubled streamed throughput on the
+# benchmark (docs/benchmarks.md); the processes `serving up` starts inherit it. Set to 0 to opt out.
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serving", description="Many LLMs behind one OpenAI-compatible API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path)
     config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
+    from serving.compare import add_compare_parser, run_compare
     from serving.k8s import add_status_parser, run_status
     from serving.keys import add_keys_parser, run_keys
 
     add_keys_parser(sub)
     add_status_parser(sub)
+    add_compare_parser(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -46,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_keys(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "compare":
+            return run_compare(args)
         if args.command == "up":
             return _up(args)
         if args.command == "demo-model":
@@ -98,6 +108,8 @@ def _load(args: argparse.Namespace) -> ServingConfig:
 def _up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = _load(args)
+    for name, value in RAY_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 

@@ -70,6 +70,9 @@ def platform(platform_config) -> str:
     from ray import serve
 
     from serving.app import APP_NAME, build_app, logical_cpus_needed
+    from serving.cli import RAY_SERVE_ENV
+
+    os.environ.update(RAY_SERVE_ENV)  # test the platform as `serving up` runs it
 
     ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, include_dashboard=False,
              namespace="serving-tests", log_to_driver=False,

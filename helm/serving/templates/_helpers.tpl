@@ -142,6 +142,9 @@ Environment of every Ray container. Ray Serve replicas (gateway and models) inhe
 environment, so these reach the configuration model as SERVING_* overrides and vLLM as HF_*.
 */}}
 {{- define "serving.rayEnv" -}}
+# Ray Serve's throughput mode, as `serving up` runs it (direct ingress, gRPC between replicas)
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
 - name: HF_HOME
   value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.modelCache.mountPath) | quote }}
 {{- if include "serving.hfSecretName" . }}

@@ -1,0 +1,111 @@
+"""The locust users, run headless for a few seconds by `python -m loadtests.run` against fake engines."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.load.conftest import TEST_KEY, run_module
+
+PLOTS = ("ttft.png", "itl.png", "latency.png", "throughput.png")
+
+
+def stats(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with (out / "locust_stats.csv").open() as f:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+
+
+def write_profile(path: Path, users: int, run_time: str, classes: list[str], **options: object) -> Path:
+    lines = [f"users = {users}", f"spawn_rate = {users}", f'run_time = "{run_time}"', 'stop_timeout = "5s"',
+             "user_classes = [" + ", ".join(f'"{c}"' for c in classes) + "]", "[options]"]
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in options.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_run(fake_gateway, tmp_path_factory) -> tuple[Path, "object"]:
+    tmp = tmp_path_factory.mktemp("locust-good")
+    profile = write_profile(tmp / "all.toml", 6, "6s",
+                            ["ChatStreamUser", "ChatUser", "CompletionUser", "EmbeddingUser", "CacheMixUser",
+                             "MultiModelUser"],
+                            models="fake-a,fake-b", embedding_models="fake-embed", output_tokens=16, input_tokens=8)
+    done = run_module(["loadtests.run", "--profile", str(profile), "--base-url", fake_gateway, "--out",
+                       str(tmp / "out"), "--api-key", TEST_KEY])
+    return tmp / "out", done
+
+
+def test_llm_metrics_in_locust_stats(good_run):
+    out, done = good_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = stats(out)
+    for kind in ("chat-stream", "chat", "completion-stream", "multi-stream"):
+        assert any(t == kind and int(r["Request Count"]) > 0 for (t, _), r in rows.items()), kind
+    assert int(rows[("embedding", "fake-embed")]["Request Count"]) > 0
+    assert int(rows[("", "Aggregated")]["Failure Count"]) == 0
+    # fake-a: 30 ms to the first token, 4 ms between tokens, 16 tokens
+    ttft = float(rows[("TTFT", "fake-a")]["Average Response Time"])
+    assert 25 <= ttft <= 500, ttft
+    itl = float(rows[("ITL", "fake-a")]["Average Response Time"])
+    assert 2 <= itl <= 100, itl
+    tpot = float(rows[("TPOT", "fake-a")]["Average Response Time"])
+    assert 2 <= tpot <= 100, tpot
+    tokens = rows[("TOKENS/S", "fake-a")]
+    assert 16 < float(tokens["Average Response Time"]) < 1000  # 16 tokens in ~90 ms: ~180 tokens/s
+    assert float(tokens["Average Content Size"]) == 16  # output tokens per request
+    assert int(rows[("THROUGHPUT", "output tokens/s")]["Request Count"]) >= 4  # one a second
+    assert float(rows[("THROUGHPUT", "output tokens/s")]["Average Response Time"]) > 50
+    assert ("TTFT", "fake-b") in rows and ("TTFT", "fake-embed") not in rows
+
+
+def test_cache_heavy_mix_reports_hits(good_run):
+    out, _ = good_run
+    with (out / "locust_llm_requests.csv").open() as f:
+        cached = [r for r in csv.DictReader(f) if r["kind"].startswith("cache")]
+    assert cached and all(r["ok"] == "1" for r in cached)
+    if any(r["cache"] for r in cached):  # the server tells hits from misses: locust's stats do too
+        rows = stats(out)
+        assert any(t == "CACHE" and n.endswith(" hit") for t, n in rows)
+
+
+def test_reports_written_and_plots_open(good_run):
+    out, done = good_run
+    html = (out / "report.html").read_text()
+    assert "TTFT" in html and "ITL" in html
+    with (out / "locust_stats_history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    assert any(r["Type"] == "TTFT" for r in history)
+    for name in PLOTS:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.size[0] >= 400
+    with (out / "llm_summary.csv").open() as f:
+        summary = {(r["kind"], r["model"]): r for r in csv.DictReader(f)}
+    model, row = next((m, r) for (k, m), r in summary.items() if k == "chat-stream")
+    # fake-a: 30 ms to the first token and 4 ms between tokens, fake-b 10 ms and 2 ms
+    assert int(row["failures"]) == 0 and 8 <= float(row["ttft_ms_p50"]) <= 500
+    assert 1.5 <= float(row["itl_ms_p50"]) <= 100 and float(row["output_tokens_per_s"]) > 0
+    assert f"| chat-stream | {model} |" in done.stdout  # the summary table is printed
+
+
+def test_failed_and_truncated_streams_and_bad_keys_are_failures(fake_gateway, tmp_path):
+    # three users: fake-broken (error event mid-stream), fake-truncated (no finish_reason, no [DONE]),
+    # fake-a with a key the gateway does not know
+    profile = write_profile(tmp_path / "bad.toml", 3, "3s", ["ChatStreamUser"],
+                            models="fake-broken,fake-truncated,fake-a", output_tokens=8)
+    done = run_module(["loadtests.run", "--profile", str(profile), "--base-url", fake_gateway, "--out",
+                       str(tmp_path / "out"), "--api-key", f"{TEST_KEY},{TEST_KEY},wrong-key-0123456789"])
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = stats(tmp_path / "out")
+    for model in ("fake-broken", "fake-truncated", "fake-a"):
+        row = rows[("chat-stream", model)]
+        assert int(row["Request Count"]) > 0 and row["Failure Count"] == row["Request Count"], model
+        assert ("TTFT", model) not in rows  # no metrics from failed requests
+    with (tmp_path / "out" / "locust_failures.csv").open() as f:
+        errors = {r["Name"]: r["Error"] for r in csv.DictReader(f)}
+    assert "error event" in errors["fake-broken"]
+    assert "truncated stream" in errors["fake-truncated"]
+    assert "401" in errors["fake-a"]
