@@ -21,11 +21,12 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -477,8 +478,6 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_compare(args: argparse.Namespace) -> int:
     """0: every request succeeded; 1: the report was written but some requests failed; 2: bad input."""
-    import os
-
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         prompts = load_prompts(args.prompts)

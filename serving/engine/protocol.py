@@ -52,7 +52,9 @@ class Engine(Protocol):
     iterator early (client gone, timeout) aborts the engine request.
     """
 
-    def generate(self, route: Route, body: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
+    def generate(self, route: Route, body: bytes, request_id: str,
+                 timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
+        """`timeout_s`: the request's remaining time; the engine ends its own work then."""
         ...
 
     async def ready(self) -> bool:

@@ -46,12 +46,13 @@ class RemoteEngine:
         self._deployment = deployment
         self._replicas = replicas
 
-    async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
+    async def generate(self, route: Route, body: bytes, request_id: str,
+                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
         from ray.serve.exceptions import BackPressureError
 
         if not await self.ready():
             raise EngineUnavailable("no ready replica")
-        stream = self._generate.remote(route, body, request_id)
+        stream = self._generate.remote(route, body, request_id, timeout_s)
         finished = False
         try:
             async for item in stream:

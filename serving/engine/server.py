@@ -29,8 +29,9 @@ class ModelServer:
             self.engine = VLLMEngine(self.model, ray_metrics=True)
             await self.engine.start()
 
-    async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
-        async for item in self.engine.generate(route, body, request_id):
+    async def generate(self, route: Route, body: bytes, request_id: str,
+                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
+        async for item in self.engine.generate(route, body, request_id, timeout_s):
             yield item
 
     async def ready(self) -> bool:

@@ -97,7 +97,8 @@ class VLLMEngine:
             raise RuntimeError("engine not started")
         await self._client.check_health()
 
-    async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Reply | str]:
+    async def generate(self, route: Route, body: bytes, request_id: str,
+                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
         if self._app is None:
             yield _not_ready(self.model.name)
             return
@@ -105,9 +106,15 @@ class VLLMEngine:
         disconnected = asyncio.Event()
         task = asyncio.create_task(self._app(_scope(PATHS[route], request_id), _receiver(body, disconnected), messages.put))
         task.add_done_callback(lambda _: messages.put_nowait(_END))
+        # the engine ends its own work at the request's deadline: the caller's cancellation may not reach
+        # a replica that has not answered anything yet (a non-streamed request)
+        timer = asyncio.get_running_loop().call_later(timeout_s, task.cancel) if timeout_s else None
         try:
             start = await messages.get()
             if start is _END:
+                if task.cancelled():
+                    yield _timed_out()
+                    return
                 task.result()  # re-raises what the app raised
                 raise RuntimeError("the vLLM app returned without a response")
             status = start["status"]
@@ -118,6 +125,8 @@ class VLLMEngine:
             async for chunk in _stream_chunks(messages):
                 yield chunk
         finally:
+            if timer is not None:
+                timer.cancel()
             disconnected.set()  # the app sees the client leave and aborts the engine request
             if not task.done():
                 task.cancel()
@@ -145,6 +154,13 @@ def _totals_logger(totals: dict[str, int]):
             pass
 
     return Totals
+
+
+def _timed_out() -> Reply:
+    import json
+
+    error = {"message": "The request timed out.", "type": "timeout_error", "param": None, "code": "timeout"}
+    return Reply(504, json.dumps({"error": error}).encode())
 
 
 def _not_ready(name: str) -> Reply:

@@ -82,8 +82,9 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         body = json.dumps(payload).encode()
     tap = Accounting(svc, principal, name, route, watch, strip_usage=stream and not include_usage,
                      cache_key=key if write else None)
-    deadline = asyncio.get_running_loop().time() + svc.config.gateway.request_timeout_s
-    response = await answer(engine.generate(route, body, request.state.request_id), deadline, tap)
+    timeout_s = svc.config.gateway.request_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    response = await answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
     response.headers.update(headers)
     return response
 

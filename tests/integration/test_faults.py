@@ -59,15 +59,25 @@ def test_replica_killed_mid_stream(platform, client):
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2]  # the stream says why it ended, in-band
     assert ended - killed < 15, f"the stream hung for {ended - killed:.1f}s"
+    # while the replacement loads: /ready names the model, and its requests get 503 + Retry-After at once
+    root = platform.removesuffix("/v1")
+    assert wait_until(lambda: httpx.get(f"{root}/ready", timeout=10).status_code == 503, timeout=30)
+    ready = httpx.get(f"{root}/ready", timeout=10)
+    assert ready.json()["models"]["demo-chat-b"] is False and "demo-chat-b" in ready.json()["error"]["message"]
+    loading = None
+
+    def refused() -> bool:  # each gateway replica refreshes its view of the replicas every 2 s
+        nonlocal loading
+        loading = httpx.post(f"{platform}/chat/completions", headers=AUTH, timeout=30,
+                             json={**LONG, "stream": False, "max_tokens": 4})
+        return loading.status_code == 503
+
+    assert wait_until(refused, timeout=10, step=0.2), loading.text
     # other models are not affected while demo-chat-b is down
     other = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert other.choices[0].message.content
-    # a non-streamed request now: 503 with Retry-After, or already the replacement's answer
-    bare = httpx.post(f"{platform}/chat/completions", headers=AUTH, timeout=120,
-                      json={**LONG, "stream": False, "max_tokens": 4})
-    assert bare.status_code in (200, 503), bare.text
-    if bare.status_code == 503:
-        assert "retry-after" in bare.headers and bare.json()["error"]["code"] in ("model_not_ready", "engine_unavailable")
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "5", loading.text
+    assert loading.json()["error"]["code"] == "model_not_ready"
     # Ray Serve replaces the replica; the SDK's own retries carry a request through
     assert wait_until(lambda: replicas("model-demo-chat-b") and replicas("model-demo-chat-b")[0]["Name"] != victim[0]["Name"],
                       timeout=240)
@@ -76,7 +86,8 @@ def test_replica_killed_mid_stream(platform, client):
                                             max_tokens=4)
     assert again.choices[0].message.content
     print(f"\nreplica kill: 1 stream cut after {killed - started:.1f}s, ended in-band {ended - killed:.2f}s later;"
-          f" non-streamed during outage: {bare.status_code}; after replacement: 200")
+          f" /ready 503 naming demo-chat-b; non-streamed during the reload: {loading.status_code}"
+          f" {loading.json()['error']['code']}; after replacement: 200 (SDK retries)")
 
 
 async def _flood(platform: str, n: int, body: dict) -> list[tuple[int, float, str]]:
@@ -139,6 +150,7 @@ def test_redeploy_under_load_loses_nothing(platform, platform_config):
     time.sleep(3)
     changed = platform_config.model_copy(deep=True)
     changed.models[2].replicas = 2  # the embedding model scales out; the gateways roll to the new config
+    changed.gateway.request_timeout_s = 1  # for test_request_timeout_ends_the_engine_work, which runs last
     serve.run(build_app(changed), name=APP_NAME, route_prefix="/")
     time.sleep(3)
     stop.set()
@@ -180,3 +192,33 @@ def test_malformed_bodies(http):
     assert huge.status_code == 413
     form = http.post("/v1/chat/completions", content=b"a=b", headers={"content-type": "application/x-www-form-urlencoded"})
     assert form.status_code == 415
+
+
+def test_request_timeout_ends_the_engine_work(platform, platform_config):
+    """After the redeploy above the gateway's request timeout is 1 s: a longer generation is cut and aborted."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-demo-chat-b", app_name="serving")
+
+    def generated_by(request) -> tuple[httpx.Response, float, float]:
+        before = handle.stats.remote().result()
+        started = time.monotonic()
+        with httpx.Client(base_url=platform, timeout=60, headers=AUTH) as http:
+            response = request(http)
+        elapsed = time.monotonic() - started
+        assert wait_until(lambda: handle.stats.remote().result()["unfinished"] == 0, timeout=15)
+        time.sleep(1)
+        return response, elapsed, handle.stats.remote().result()["generation_tokens"] - before["generation_tokens"]
+
+    streamed, t_stream, tokens_stream = generated_by(
+        lambda http: http.post("/chat/completions", json={**LONG, "max_tokens": 1000}))
+    whole, t_whole, tokens_whole = generated_by(
+        lambda http: http.post("/chat/completions", json={**LONG, "stream": False, "max_tokens": 1000}))
+    events = [line for line in streamed.text.split("\n\n") if line]
+    assert streamed.status_code == 200 and events[-1] == "data: [DONE]" and '"timeout"' in events[-2]
+    assert whole.status_code == 504 and whole.json()["error"]["code"] == "timeout"
+    assert t_stream < 5 and t_whole < 5
+    # a request that ran on would generate all 1000 tokens; aborted ones stop where the timeout cut them
+    assert tokens_stream < 1000 and tokens_whole < 1000, (tokens_stream, tokens_whole)
+    print(f"\ntimeout: 2 requests sent (stream, non-stream), cut after 1 s: in-band timeout + [DONE], 504;"
+          f" engine work aborted after {tokens_stream:.0f} and {tokens_whole:.0f} of 1000 tokens")

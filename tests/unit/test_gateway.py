@@ -115,7 +115,7 @@ class ScriptedEngine:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
         try:
             for item in self.items:
                 yield item
@@ -130,7 +130,7 @@ class RaisesBeforeFirstItem:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
         raise ConnectionError("replica 10.0.0.7 is gone: secret detail")
         yield  # pragma: no cover - makes this an async generator
 
@@ -141,7 +141,7 @@ class GenerateRaises:
     async def ready(self) -> bool:
         return True
 
-    def generate(self, route, body, request_id):
+    def generate(self, route, body, request_id, timeout_s=None):
         raise KeyError("secret-internal-state")
 
 
