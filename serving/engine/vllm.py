@@ -108,18 +108,25 @@ class VLLMEngine:
         task.add_done_callback(lambda _: messages.put_nowait(_END))
         # the engine ends its own work at the request's deadline: the caller's cancellation may not reach
         # a replica that has not answered anything yet (a non-streamed request)
-        timer = asyncio.get_running_loop().call_later(timeout_s, task.cancel) if timeout_s else None
+        expired = asyncio.Event()
+
+        def expire() -> None:
+            expired.set()
+            disconnected.set()  # vLLM's handlers abort the engine request when the client leaves
+
+        timer = asyncio.get_running_loop().call_later(timeout_s, expire) if timeout_s else None
         try:
             start = await messages.get()
+            if expired.is_set():
+                yield _timed_out()
+                return
             if start is _END:
-                if task.cancelled():
-                    yield _timed_out()
-                    return
                 task.result()  # re-raises what the app raised
                 raise RuntimeError("the vLLM app returned without a response")
             status = start["status"]
             if not _is_event_stream(start.get("headers", [])):
-                yield Reply(status, await _read_body(messages))
+                body = await _read_body(messages)
+                yield _timed_out() if expired.is_set() else Reply(status, body)
                 return
             yield Reply(status, None)
             async for chunk in _stream_chunks(messages):
@@ -128,6 +135,11 @@ class VLLMEngine:
             if timer is not None:
                 timer.cancel()
             disconnected.set()  # the app sees the client leave and aborts the engine request
+            if not task.done():
+                # give vLLM's disconnect handling a moment: cancelling its task outright would leave
+                # the handler it runs (and so the engine request) going
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), timeout=2)
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

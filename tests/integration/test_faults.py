@@ -61,8 +61,14 @@ def test_replica_killed_mid_stream(platform, client):
     assert ended - killed < 15, f"the stream hung for {ended - killed:.1f}s"
     # while the replacement loads: /ready names the model, and its requests get 503 + Retry-After at once
     root = platform.removesuffix("/v1")
-    assert wait_until(lambda: httpx.get(f"{root}/ready", timeout=10).status_code == 503, timeout=30)
-    ready = httpx.get(f"{root}/ready", timeout=10)
+    ready = None
+
+    def not_ready() -> bool:
+        nonlocal ready
+        ready = httpx.get(f"{root}/ready", timeout=10)
+        return ready.status_code == 503
+
+    assert wait_until(not_ready, timeout=30), ready.text
     assert ready.json()["models"]["demo-chat-b"] is False and "demo-chat-b" in ready.json()["error"]["message"]
     loading = None
 
