@@ -227,7 +227,11 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
 
     from serving.app import APP_NAME, build_app, logical_cpus_needed
 
+    import serving.cli
+
     config = fake_config(args.port)
+    for name, value in getattr(serving.cli, "RAY_SERVE_ENV", {}).items():  # the Ray settings `serving up` uses
+        os.environ.setdefault(name, value)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)), include_dashboard=False,

@@ -14,7 +14,7 @@ from serving.config import ConfigError, ServingConfig, dump_config, load_config
 
 
 # Ray Serve's throughput mode: the ingress replica serves HTTP itself (no extra proxy hop), handles
-# talk gRPC, user code runs on the replica's main loop. It doubled streamed throughput on the
+# talk gRPC, user code runs on the replica's main loop. It raised streamed throughput on the
 # benchmark (docs/benchmarks.md); the processes `serving up` starts inherit it. Set to 0 to opt out.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
