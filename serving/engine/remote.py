@@ -29,6 +29,10 @@ class ReplicaCounter:
                 self._fetched = time.monotonic()
         return self._counts.get(deployment, 0)
 
+    def invalidate(self) -> None:
+        """A replica failed a call: the next readiness question asks the controller again."""
+        self._fetched = 0.0
+
     def _fetch(self) -> dict[str, int]:
         from ray import serve
 
@@ -60,6 +64,10 @@ class RemoteEngine:
             finished = True
         except BackPressureError as exc:
             raise EngineOverloaded(str(exc)) from exc
+        except Exception:
+            if self._replicas is not None:  # a replica died or is unreachable: stop trusting the cached view
+                self._replicas.invalidate()
+            raise
         finally:
             if not finished:
                 # the caller left early: cancelling the call aborts the engine request in the replica
