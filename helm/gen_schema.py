@@ -135,6 +135,7 @@ def chart_schema() -> Schema:
         "ray": obj({
             "version": string(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$"),
             "upgradeStrategy": string(enum=["NewCluster", "None"]),
+            "haproxy": boolean(),
             "autoscaler": obj({
                 "enabled": boolean(),
                 "idleTimeoutSeconds": integer(0),

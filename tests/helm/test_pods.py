@@ -168,3 +168,17 @@ def test_selectors_and_pod_templates_are_stable_across_chart_versions(tmp_path):
     assert _selectors(after_objects) == before
     assert len(before) >= 8
     assert "helm.sh/chart" not in str(before) and "app.kubernetes.io/version" not in str(before)
+
+
+def test_ray_serve_runs_as_serving_up_runs_it_and_haproxy_can_be_turned_off(scenario):
+    from serving.cli import RAY_SERVE_ENV
+
+    for name, pod in ray_pods(scenario_objects(scenario)).items():
+        env = env_of(pod["spec"]["containers"][0])
+        for variable, value in RAY_SERVE_ENV.items():  # the same Ray Serve settings as the local run
+            assert env[variable]["value"] == value, (name, variable)
+    values = scenario_values("default")
+    values.setdefault("ray", {})["haproxy"] = False
+    for name, pod in ray_pods(render(values)).items():
+        env = env_of(pod["spec"]["containers"][0])
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in env and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", name

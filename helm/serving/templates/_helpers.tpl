@@ -145,6 +145,11 @@ environment, so these reach the configuration model as SERVING_* overrides and v
 # Ray Serve's throughput mode, as `serving up` runs it (direct ingress, gRPC between replicas)
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
+{{- if .Values.ray.haproxy }}
+# HAProxy on the gateway port forwards straight to the gateway replicas (no Python proxy hop)
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.modelCache.mountPath) | quote }}
 {{- if include "serving.hfSecretName" . }}
