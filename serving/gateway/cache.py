@@ -53,10 +53,8 @@ class ResponseCache:
         return cache_key(route, name, model, tenant, payload), read, write
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            return await self._store.call("cache_get", key)
-        except StoreUnavailable:
-            return None
+        """The entry, or None when there is none. Raises StoreUnavailable when the store cannot say."""
+        return await self._store.call("cache_get", key)
 
     async def put(self, key: str, body: bytes) -> None:
         if len(body) > self.config.max_entry_bytes:

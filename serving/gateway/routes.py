@@ -19,6 +19,7 @@ from serving.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.relay import EventStream, answer
 from serving.gateway.schemas import known_fields
 from serving.gateway.services import Services, model_not_found
+from serving.gateway.store import StoreUnavailable
 
 
 def openai_route(route: Route):
@@ -67,7 +68,10 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
     include_usage = stream and bool((options or {}).get("include_usage"))
     headers["x-cache"] = "bypass" if key is None or not read else "miss"
     if key is not None and read:
-        entry = await svc.cache.get(key)
+        try:
+            entry = await svc.cache.get(key)
+        except StoreUnavailable:  # the cache could not be consulted: the request bypasses it
+            entry, headers["x-cache"] = None, "bypass"
         if entry is not None:
             headers["x-cache"] = "hit"
             watch.cache_result("hit")
