@@ -1,7 +1,8 @@
-"""Helpers shared by the test suites: free ports, a real redis-server, SSE parsing."""
+"""Helpers shared by the test suites: free ports, a real redis-server, SSE parsing, a raw ASGI client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -106,3 +107,62 @@ def sse_payloads(text: str) -> list[str]:
 
 def sse_json(text: str) -> list[dict]:
     return [json.loads(p) for p in sse_payloads(text)]
+
+
+async def wait_for(predicate, timeout: float = 2.0, interval: float = 0.01) -> bool:
+    """Poll `predicate` on the running loop until it holds or `timeout` passes."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | None = None,
+                             request_id: str | None = None, spec_version: str = "2.3") -> list[dict]:
+    """POST `body` to /v1/chat/completions as a raw ASGI client that goes away after `after_chunks`
+    body chunks (httpx's ASGI transport reads whole responses, so it cannot hang up mid-stream).
+
+    spec_version 2.3 is what uvicorn (and so Ray Serve) gives: Starlette listens for http.disconnect;
+    under 2.4 `send` raises after the hang-up, as an ASGI 2.4 server does."""
+    raw = json.dumps(body).encode()
+    headers = [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
+        "headers": headers,
+    }
+    gone = asyncio.Event()
+    sent: list[dict] = []
+    request_sent = False
+
+    async def receive() -> dict:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set():
+            raise OSError("client disconnected")
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            if sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
+                gone.set()
+
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    except OSError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - Starlette raises ClientDisconnect under ASGI 2.4
+        assert type(exc).__name__ == "ClientDisconnect", exc
+    return sent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import httpx
@@ -11,7 +10,7 @@ import openai
 
 from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
-from tests.support import sse_json, sse_payloads  # noqa: F401 - re-exported for the redis tests
+from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for  # noqa: F401 - re-exported
 
 CHAT = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens for the FakeEngine
 PROMPT_TOKENS = 4
@@ -88,53 +87,3 @@ async def settle(app) -> None:
 
 def ratelimit_headers(response: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
-
-
-async def wait_for(predicate, timeout: float = 2.0, interval: float = 0.01) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            return False
-        await asyncio.sleep(interval)
-    return True
-
-
-async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | None = None) -> list[dict]:
-    """POST `body` to /v1/chat/completions as a raw ASGI client that goes away after `after_chunks`
-    body chunks (httpx's ASGI transport reads whole responses, so it cannot hang up mid-stream)."""
-    raw = json.dumps(body).encode()
-    headers = [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    if key:
-        headers.append((b"authorization", f"Bearer {key}".encode()))
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
-        "headers": headers,
-    }
-    gone = asyncio.Event()
-    sent: list[dict] = []
-    request_sent = False
-
-    async def receive() -> dict:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if gone.is_set():
-            raise OSError("client disconnected")
-        sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
-            if sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
-                gone.set()
-
-    try:
-        await asyncio.wait_for(app(scope, receive, send), 5)
-    except OSError:
-        pass
-    return sent

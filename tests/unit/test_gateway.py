@@ -24,7 +24,7 @@ from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Engine, Reply
 from serving.gateway.app import create_app
-from tests.support import sse_json, sse_payloads
+from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for
 
 MASKED = "The server had an error while processing your request."
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -627,61 +627,12 @@ async def test_engine_5xx_first_stream_event_is_masked() -> None:
 # ----------------------------------------------------------------------------- client disconnect
 
 
-async def stream_and_hang_up(app, body: dict, request_id: str, *, after_chunks: int, spec_version: str) -> list[dict]:
-    """POST `body` as a raw ASGI client that goes away after `after_chunks` body chunks."""
-    raw = json.dumps(body).encode()
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("test", 80),
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                    (b"content-length", str(len(raw)).encode()), (b"x-request-id", request_id.encode())],
-    }
-    gone = asyncio.Event()
-    sent: list[dict] = []
-    request_sent = False
-
-    async def receive() -> dict:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if gone.is_set():
-            raise OSError("client disconnected")  # what an ASGI 2.4 server does on send after hang-up
-        sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
-            if sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
-                gone.set()
-
-    try:
-        await asyncio.wait_for(app(scope, receive, send), 5)
-    except OSError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - Starlette raises ClientDisconnect under ASGI 2.4
-        assert type(exc).__name__ == "ClientDisconnect", exc
-    return sent
-
-
-async def wait_for(predicate, timeout: float = 2.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 async def test_client_hanging_up_aborts_engine_stream() -> None:
     # ASGI 2.3, what uvicorn (and so Ray Serve's proxy) gives: Starlette listens for http.disconnect
     engine = FakeEngine("tiny", itl_s=0.02)
     app = create_app(make_config(), make_engines(tiny=engine))
     sent = await stream_and_hang_up(app, {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 500},
-                                    "hangup-23", after_chunks=3, spec_version="2.3")
+                                    request_id="hangup-23", after_chunks=3, spec_version="2.3")
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     assert not any(m.get("body", b"").endswith(b"[DONE]\n\n") for m in sent)
     assert engine.started == ["hangup-23"]
@@ -694,7 +645,7 @@ async def test_client_hanging_up_aborts_engine_stream_asgi_24() -> None:
     gc.disable()  # deterministic: the abort must not depend on when the cyclic GC happens to run
     try:
         await stream_and_hang_up(app, {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 500},
-                                 "hangup-24", after_chunks=3, spec_version="2.4")
+                                 request_id="hangup-24", after_chunks=3, spec_version="2.4")
         aborted = await wait_for(lambda: "hangup-24" in engine.aborted, timeout=0.5)
     finally:
         gc.enable()
