@@ -71,7 +71,8 @@ async def test_rate_limited_and_redis_errors_are_counted(setup):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                  headers={"authorization": f"Bearer {KEY}"}) as c:
         response = await c.post("/v1/embeddings", json=body)
-    assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+    assert response.status_code == 200 and response.headers["x-cache"] == "bypass"
+    assert value(registry, "serving_cache_requests_total", model="emb", result="bypass") == 1
     assert value(registry, "serving_redis_errors_total", operation="cache_get") == 1
 
 
