@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving import __version__
 from serving.config import ModelConfig, ServingConfig
+from serving.engine.channel import ChannelClient
 from serving.engine.remote import RemoteEngine, ReplicaCounter
 from serving.engine.server import ModelServer
 
@@ -25,7 +26,9 @@ class Gateway:
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]):
         self.config = ServingConfig.model_validate(config)
         replicas = ReplicaCounter(APP_NAME)
-        self.engines = {m.name: RemoteEngine(models[m.name], m.deployment_name, replicas) for m in self.config.models}
+        channel = ChannelClient() if self.config.gateway.direct_streams else None
+        self.engines = {m.name: RemoteEngine(models[m.name], m.deployment_name, replicas, channel)
+                        for m in self.config.models}
 
     def __serve_build_asgi_app__(self):
         from serving.gateway.app import create_app

@@ -160,6 +160,12 @@ class GatewayConfig(_Strict):
         8080, ge=1, le=65535,
         description="Per-node Prometheus endpoint (Ray's metrics agent) that `serving up` starts Ray with.",
     )
+    direct_streams: bool = Field(
+        True,
+        description="Model replicas send answers to each gateway replica over one TCP connection (an "
+        "ephemeral port on the model replica's node), all of that gateway's chunks of an engine step in one "
+        "frame, instead of one Ray message per chunk. Routing, queueing and cancellation stay with Ray Serve.",
+    )
 
 
 class RedisConfig(_Strict):

@@ -120,10 +120,12 @@ async def wait_for(predicate, timeout: float = 2.0, interval: float = 0.01) -> b
     return True
 
 
-async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | None = None,
-                             request_id: str | None = None, spec_version: str = "2.3") -> list[dict]:
+async def stream_and_hang_up(app, body: dict, *, after_chunks: int | None = None, after_s: float | None = None,
+                             key: str | None = None, request_id: str | None = None,
+                             spec_version: str = "2.3") -> list[dict]:
     """POST `body` to /v1/chat/completions as a raw ASGI client that goes away after `after_chunks`
-    body chunks (httpx's ASGI transport reads whole responses, so it cannot hang up mid-stream).
+    body chunks or `after_s` seconds (httpx's ASGI transport reads whole responses, so it cannot
+    hang up mid-answer).
 
     spec_version 2.3 is what uvicorn (and so Ray Serve) gives: Starlette listens for http.disconnect;
     under 2.4 `send` raises after the hang-up, as an ASGI 2.4 server does."""
@@ -142,6 +144,8 @@ async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | N
     gone = asyncio.Event()
     sent: list[dict] = []
     request_sent = False
+    if after_s is not None:
+        asyncio.get_running_loop().call_later(after_s, gone.set)
 
     async def receive() -> dict:
         nonlocal request_sent
@@ -156,7 +160,7 @@ async def stream_and_hang_up(app, body: dict, *, after_chunks: int, key: str | N
             raise OSError("client disconnected")
         sent.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
-            if sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
+            if after_chunks is not None and sum(1 for m in sent if m["type"] == "http.response.body") >= after_chunks:
                 gone.set()
 
     try:

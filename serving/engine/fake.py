@@ -58,11 +58,15 @@ class FakeEngine:
                        timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
         self.started.append(request_id)
         self.in_flight += 1
+        done = False
         try:
             async for item in self._generate(route, json.loads(body), request_id):
                 yield item
+            done = True
         finally:
             self.in_flight -= 1
+            if not done and request_id not in self.aborted:  # closed or cancelled before its end
+                self.aborted.append(request_id)
 
     async def _generate(self, route: Route, request: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
         if route == "embedding":

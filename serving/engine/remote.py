@@ -6,9 +6,13 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
+from serving.engine.channel import END, Accepted, ChannelClient, Failed
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
 
 READINESS_TTL_S = 2.0
+# What a ModelServer sends first when its engine is slow to answer (see serving.engine.server); never
+# passed on to the gateway.
+ACCEPTED = ""
 
 
 class ReplicaCounter:
@@ -43,12 +47,17 @@ class ReplicaCounter:
 
 
 class RemoteEngine:
-    """Implements serving.engine.protocol.Engine over a DeploymentHandle to a ModelServer."""
+    """Implements serving.engine.protocol.Engine over a DeploymentHandle to a ModelServer.
 
-    def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None):
+    With a ChannelClient (direct streams) the answer comes over the gateway's connection to the model
+    replica that took the call, once that connection is up (serving.engine.channel)."""
+
+    def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None,
+                 channel: ChannelClient | None = None):
         self._generate = handle.options(stream=True).generate
         self._deployment = deployment
         self._replicas = replicas
+        self._channel = channel
 
     async def generate(self, route: Route, body: bytes, request_id: str,
                        timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
@@ -56,11 +65,38 @@ class RemoteEngine:
 
         if not await self.ready():
             raise EngineUnavailable("no ready replica")
-        stream = self._generate.remote(route, body, request_id, timeout_s)
+        channel = self._channel
+        queue = channel.register(request_id) if channel is not None else None
+        args = (route, body, request_id, timeout_s) + ((channel.identity,) if channel is not None else ())
+        stream = self._generate.remote(*args)
+        items = aiter(stream)
         finished = False
+        watcher: asyncio.Task | None = None
         try:
-            async for item in stream:
+            item = await anext(items)
+            if isinstance(item, Accepted):
+                if item.via_channel and channel is not None and queue is not None:
+                    channel.bind(request_id, item.address)
+                    watcher = asyncio.create_task(_watch(items, queue))
+                    while True:
+                        got = await queue.get()
+                        if isinstance(got, Failed):
+                            raise RuntimeError(got.message)
+                        if isinstance(got, str) and got == END:
+                            break
+                        yield got
+                    finished = True
+                    _WATCHERS.add(watcher)  # the call ends by itself right after; no need to wait for it
+                    watcher.add_done_callback(_WATCHERS.discard)
+                    return
+                if item.address is not None and channel is not None:
+                    channel.connect(item.address)  # the next requests to that replica take it
+            elif item != ACCEPTED:
                 yield item
+            async for item in items:
+                yield item
+            finished = True
+        except StopAsyncIteration:
             finished = True
         except BackPressureError as exc:
             raise EngineOverloaded(str(exc)) from exc
@@ -69,11 +105,29 @@ class RemoteEngine:
                 self._replicas.invalidate()
             raise
         finally:
+            if channel is not None:
+                channel.unregister(request_id)
             if not finished:
                 # the caller left early: cancelling the call aborts the engine request in the replica
                 stream.cancel()
+                if watcher is not None:
+                    watcher.cancel()
 
     async def ready(self) -> bool:
         if self._replicas is None or self._deployment is None:
             return True
         return await self._replicas.running(self._deployment) > 0
+
+
+_WATCHERS: set[asyncio.Task] = set()
+
+
+async def _watch(items: AsyncIterator[Any], queue: asyncio.Queue) -> None:
+    """Follow a direct-stream call to its end: if it fails (the replica died), the request fails."""
+    try:
+        async for _ in items:
+            pass
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the request's reader
+        queue.put_nowait(Failed(f"the model replica failed: {exc!r}"))

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator
 
 from serving.config import ModelConfig
 from serving.engine.protocol import Reply, Route
+from serving.engine.channel import Accepted, ChannelServer
+from serving.engine.remote import ACCEPTED
+
+# A call whose engine has not answered within this time first sends ACCEPTED: Ray delivers a caller's
+# cancellation to a replica only once the call has yielded something, so without it a non-streamed
+# request whose client left would hold its engine slot until the request timeout.
+ACCEPT_AFTER_S = 0.02
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +27,8 @@ class ModelServer:
 
     async def __init__(self, model: dict[str, Any], engine: str = "vllm", fake_options: dict[str, Any] | None = None):
         self.model = ModelConfig.model_validate(model)
+        self._channel: ChannelServer | None = None  # started on the first call of a direct-streams gateway
+        self._channel_lock = asyncio.Lock()
         if engine == "fake":
             from serving.engine.fake import FakeEngine
 
@@ -29,10 +39,46 @@ class ModelServer:
             self.engine = VLLMEngine(self.model, ray_metrics=True)
             await self.engine.start()
 
-    async def generate(self, route: Route, body: bytes, request_id: str,
-                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
-        async for item in self.engine.generate(route, body, request_id, timeout_s):
+    async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None,
+                       gateway: tuple[str, str] | None = None) -> AsyncIterator[Reply | str | Accepted]:
+        """One request's answer. `gateway` (id, secret) comes from a gateway with direct streams: the
+        first item is then `Accepted`, and the answer goes over that gateway's connection if it is up."""
+        items = aiter(self.engine.generate(route, body, request_id, timeout_s))
+        if gateway is not None:
+            channel = await self._channel_server()
+            outbox = channel.outbox(*gateway)
+            via_channel = outbox is not None and outbox.connected
+            yield Accepted(channel.address, via_channel)  # also lets a cancellation reach this call
+            if via_channel:
+                await channel.serve(outbox, request_id, items)
+                return
+            async for item in items:
+                yield item
+            return
+        first = asyncio.ensure_future(anext(items))
+        try:
+            done, _ = await asyncio.wait({first}, timeout=ACCEPT_AFTER_S)
+            if not done:
+                yield ACCEPTED
+            item = await first
+        except StopAsyncIteration:
+            return
+        finally:
+            if not first.done():  # cancelled while waiting: the engine request goes with it
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                await items.aclose()
+        yield item
+        async for item in items:
             yield item
+
+    async def _channel_server(self) -> ChannelServer:
+        async with self._channel_lock:
+            if self._channel is None:
+                channel = ChannelServer()
+                await channel.start()
+                self._channel = channel
+        return self._channel
 
     async def ready(self) -> bool:
         return await self.engine.ready()
@@ -47,6 +93,8 @@ class ModelServer:
             await check()
 
     async def __del__(self) -> None:
+        if self._channel is not None:
+            await self._channel.stop()
         stop = getattr(self.engine, "stop", None)
         if stop is not None:
             try:

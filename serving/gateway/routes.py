@@ -88,9 +88,40 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
                      cache_key=key if write else None)
     timeout_s = svc.config.gateway.request_timeout_s
     deadline = asyncio.get_running_loop().time() + timeout_s
-    response = await answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
+    work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
+    # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
+    # fires); a non-streamed request would wait for the whole answer, so it listens for the hang-up
+    response = await (work if stream else until_disconnect(request, work))
     response.headers.update(headers)
     return response
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request", as Ray Serve's proxy records it
+
+
+async def until_disconnect(request: Request, work) -> Response:
+    """Await `work`; a client that hangs up meanwhile cancels it, and so aborts the engine request."""
+    answer_task = asyncio.ensure_future(work)
+
+    async def hung_up() -> bool:
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a server that cannot tell: wait for the answer as before
+            await asyncio.Event().wait()
+        return True
+
+    listener = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({answer_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer_task, listener):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(answer_task, listener, return_exceptions=True)
+    if answer_task.cancelled():  # the client left first: nobody reads this, the metrics count it
+        return Response(status_code=CLIENT_CLOSED)
+    return answer_task.result()
 
 
 class Watch:

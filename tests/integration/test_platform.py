@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
+
+from tests.integration.conftest import API_KEY, NO_CACHE
 
 pytestmark = pytest.mark.integration
 
@@ -130,13 +133,15 @@ def test_errors_are_openai_envelopes(client, http):
     assert broken.status_code == 400 and "error" in broken.json() and "detail" not in broken.json()
 
 
-def test_client_disconnect_aborts_the_engine_request(http):
+def engine_stats(deployment: str = "model-demo-chat-b"):
     from ray import serve
 
-    handle = serve.get_deployment_handle("model-demo-chat-b", app_name="serving")
+    handle = serve.get_deployment_handle(deployment, app_name="serving")
+    return lambda: handle.stats.remote().result()
 
-    def stats():
-        return handle.stats.remote().result()
+
+def test_client_disconnect_aborts_the_engine_request(http):
+    stats = engine_stats()
 
     before = stats()
     body = {"model": "demo-chat-b", "messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True}
@@ -150,6 +155,42 @@ def test_client_disconnect_aborts_the_engine_request(http):
     while stats()["unfinished"] and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1)  # let a request that was not aborted run on, so the checks below would see it
+    after = stats()
+    assert after["unfinished"] == 0
+    assert after["finished"] == before["finished"]  # it did not end by stop or length: it was aborted
+    assert after["generation_tokens"] - before["generation_tokens"] < 900
+
+
+def gateway_replica_ports() -> list[int]:
+    """The HTTP ports of the gateway replicas themselves (Ray Serve's direct ingress, 30000+)."""
+    import psutil
+    import ray._private.state as state
+
+    pids = [a["Pid"] for a in state.actors().values()
+            if (a.get("Name") or "").startswith("SERVE_REPLICA::serving#gateway#") and a["State"] == "ALIVE"]
+    return sorted(c.laddr.port for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and 30000 <= c.laddr.port < 31000)
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it():
+    """The gateway listens for the hang-up while it waits for a whole answer, and the replica has
+    acknowledged the call, so the cancellation reaches it: the engine stops long before 900 tokens.
+
+    Measured on a gateway replica's own port: HAProxy in front (the default) does not pass on a
+    client's close while it waits for the answer, so there a non-streamed request runs to its end
+    (docs/security.md); streams are aborted either way (the test above)."""
+    ports = gateway_replica_ports()
+    assert ports, "no gateway replica serves HTTP on a port of its own"
+    stats = engine_stats()
+    before = stats()
+    body = {"model": "demo-chat-b", "messages": HELLO, "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1.5 s and closes the connection
+        httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body, timeout=1.5,
+                   headers={"authorization": f"Bearer {API_KEY}", **NO_CACHE})
+    deadline = time.monotonic() + 15
+    while stats()["unfinished"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
     after = stats()
     assert after["unfinished"] == 0
     assert after["finished"] == before["finished"]  # it did not end by stop or length: it was aborted

@@ -652,6 +652,32 @@ async def test_client_hanging_up_aborts_engine_stream_asgi_24() -> None:
     assert aborted
 
 
+async def test_client_hanging_up_aborts_a_non_streamed_request() -> None:
+    """A non-streamed request waits for the whole answer: the gateway listens for the hang-up meanwhile."""
+    from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
+
+    engine = FakeEngine("tiny", ttft_s=5.0)  # the answer would come after 5 s
+    metrics = GatewayMetrics(PrometheusBackend())
+    app = create_app(make_config(), make_engines(tiny=engine), metrics=metrics)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sent = await stream_and_hang_up(app, {"model": "tiny", "messages": CHAT, "max_tokens": 5},
+                                    request_id="hangup-whole", after_s=0.2)
+    assert loop.time() - started < 2  # the handler ended with the client, not with the engine
+    assert engine.started == ["hangup-whole"] and engine.aborted == ["hangup-whole"] and engine.in_flight == 0
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] in ([], [499])
+    registry = metrics.backend.registry
+    assert registry.get_sample_value("serving_requests_total", {"model": "tiny", "route": "chat", "status": "499"}) == 1
+    assert registry.get_sample_value("serving_requests_in_flight", {"model": "tiny"}) == 0
+
+
+async def test_a_non_streamed_answer_is_not_disturbed_by_the_disconnect_listener(client, engines) -> None:
+    engines["tiny"].ttft_s = 0.05
+    response = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+    assert engines["tiny"].aborted == []
+
+
 # ----------------------------------------------------------------------------------- openai SDK
 
 
