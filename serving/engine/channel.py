@@ -84,14 +84,33 @@ class _Outbox:
         self.producers: set[asyncio.Task] = set()
         self.frames = 0  # frames written, and the items they carried (tests and benchmarks read them)
         self.items = 0
+        self.queued = 0  # items put so far; `written` of them are in the kernel's socket buffer
+        self.written = 0
+        self._waiters: list[asyncio.Future] = []
 
     @property
     def connected(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
 
-    def put(self, request_id: str, item: Any) -> None:
+    def put(self, request_id: str, item: Any) -> int:
+        """Queue an item for the next frame; returns its number (for `until_written`)."""
         self.pending.append((request_id, item))
+        self.queued += 1
         self.wake.set()
+        return self.queued
+
+    async def until_written(self, number: int) -> None:
+        """Wait until item `number` was written to the connection (or the connection is gone)."""
+        while self.written < number and self.writer is not None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def flush_forever(self, writer: asyncio.StreamWriter) -> None:
         try:
@@ -104,10 +123,13 @@ class _Outbox:
                     return  # replaced by a newer connection of the same gateway
                 self.wake.clear()
                 batch, self.pending = self.pending, []
+                through = self.queued
                 self.frames += 1
                 self.items += len(batch)
                 writer.write(_frame(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)))
                 await writer.drain()  # a slow gateway makes the next frame bigger, not more frames
+                self.written = through
+                self._wake_waiters()
         except (ConnectionError, OSError) as exc:
             logger.info("direct stream to a gateway closed: %r", exc)
         finally:
@@ -124,6 +146,7 @@ class _Outbox:
             for task in list(self.producers):
                 task.cancel()
             self.pending = []
+            self._wake_waiters()
         writer.close()
 
 
@@ -203,12 +226,14 @@ class ChannelServer:
             try:
                 async for item in items:
                     outbox.put(request_id, item)
-                outbox.put(request_id, END)
+                # the call ends only once the answer left: a replica that is being stopped waits for
+                # its ongoing calls, so the end of an answer is never left behind in the outbox
+                await outbox.until_written(outbox.put(request_id, END))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the gateway like a failed call
                 logger.warning("engine failed for %s: %r", request_id, exc)
-                outbox.put(request_id, Failed(repr(exc)))
+                await outbox.until_written(outbox.put(request_id, Failed(repr(exc))))
             finally:
                 with contextlib.suppress(Exception):
                     await items.aclose()

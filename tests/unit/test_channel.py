@@ -73,6 +73,10 @@ class Handle:
         return call
 
 
+def remote_calls(remote: RemoteEngine) -> list[Call]:
+    return remote._generate.calls  # Handle.generate is the Handle itself
+
+
 class Server(ModelServer):
     def __del__(self) -> None:  # Ray Serve awaits ModelServer's async __del__; plain Python cannot
         pass
@@ -143,6 +147,10 @@ async def test_concurrent_streams_share_frames() -> None:
         sent_items, sent_frames = outbox.items - items, outbox.frames - frames
         assert sent_items >= 20 * 30
         assert sent_frames < sent_items / 4, (sent_frames, sent_items)  # many chunks per frame, not one each
+        # a call ends only after its answer was written out (a stopping replica waits for its calls)
+        calls = remote_calls(remote)
+        assert await wait_for(lambda: all(call.task.done() for call in calls), timeout=2)
+        assert outbox.written == outbox.queued
 
 
 async def test_a_caller_that_leaves_aborts_only_its_request() -> None:
