@@ -87,12 +87,12 @@ class EventStream(StreamingResponse):
 async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) -> AsyncIterator[str]:
     """Chunks go out the moment they arrive; failures after the first event go in-band."""
     try:
-        chunk = tap.chunk(first)
+        chunk = tap.chunk(_mask_errors(first))
         while True:
             if chunk:
                 yield chunk
             try:
-                chunk = tap.chunk(await _next(stream, deadline))
+                chunk = tap.chunk(_mask_errors(await _next(stream, deadline)))
             except StopAsyncIteration:
                 return
     except TimeoutError:
@@ -111,6 +111,21 @@ def _masked(payload: dict[str, Any], status: int) -> Response:
     if status < 500:
         return JSONResponse(payload, status_code=status)
     return error_response(status, str(error.get("message", "")), param=error.get("param"), code=error.get("code"))
+
+
+def _mask_errors(chunk: str) -> str:
+    """An engine's in-band error event (vLLM sends one when it fails mid-stream) in our envelope:
+    4xx as the engine said it, 5xx with the message masked, as for a non-streamed answer."""
+    if '{"error"' not in chunk:  # the common case: one substring search per chunk
+        return chunk
+    events = chunk.split("\n\n")
+    for i, event in enumerate(events):
+        payload = _leading_error(event)
+        if payload is not None and _status_of(payload) >= 500:
+            error = payload["error"]
+            events[i] = error_event(_status_of(payload), str(error.get("message", "")),
+                                    code=error.get("code")).removesuffix("\n\n")
+    return "\n\n".join(events)
 
 
 def _leading_error(chunk: str) -> dict[str, Any] | None:
