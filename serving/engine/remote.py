@@ -78,12 +78,24 @@ class RemoteEngine:
                 if item.via_channel and channel is not None and queue is not None:
                     channel.bind(request_id, item.address)
                     watcher = asyncio.create_task(_watch(items, queue))
+                    held = None
                     while True:
-                        got = await queue.get()
+                        got = held if held is not None else await queue.get()
+                        held = None
                         if isinstance(got, Failed):
                             raise RuntimeError(got.message)
-                        if isinstance(got, str) and got == END:
-                            break
+                        if isinstance(got, str):
+                            if got == END:
+                                break
+                            if not queue.empty():  # chunks that arrived meanwhile leave as one write
+                                parts = [got]
+                                while not queue.empty():
+                                    nxt = queue.get_nowait()
+                                    if not isinstance(nxt, str) or nxt == END:
+                                        held = nxt
+                                        break
+                                    parts.append(nxt)
+                                got = "".join(parts)
                         yield got
                     finished = True
                     _WATCHERS.add(watcher)  # the call ends by itself right after; no need to wait for it

@@ -95,9 +95,12 @@ def chat(n: int, stream: bool = True, words: str = "one two three") -> bytes:
 
 
 async def collect(engine: Any, body: bytes, request_id: str) -> list:
-    """The answer's items, `created` timestamps blanked (two runs may straddle a second)."""
+    """The answer: its first item (a Reply) and the SSE text of the rest joined (the gateway may join
+    chunks that arrived together), `created` timestamps blanked (two runs may straddle a second)."""
     items = [item async for item in engine.generate("chat", body, request_id)]
-    return [re.sub(r'"created": ?\d+', '"created":0', item) if isinstance(item, str) else item for item in items]
+    assert items and isinstance(items[0], Reply) and all(isinstance(item, str) for item in items[1:])
+    text = re.sub(r'"created": ?\d+', '"created":0', "".join(items[1:]))
+    return [items[0], text] if text else [items[0]]
 
 
 async def connected(client: ChannelClient, server: ModelServer, remote: RemoteEngine) -> None:
@@ -223,3 +226,16 @@ async def test_only_the_gateway_with_the_token_gets_its_answers() -> None:
         answer = await collect(remote, chat(3), "still")
         assert answer[-1].endswith("data: [DONE]\n\n")
         assert END not in answer
+
+
+async def test_chunks_that_arrived_together_leave_as_one_item() -> None:
+    async with harness() as (fake, server, client, remote):
+        await connected(client, server, remote)
+        stream = remote.generate("chat", chat(40), "slow-reader")
+        assert isinstance(await anext(stream), Reply)
+        await asyncio.sleep(0.3)  # the client is slow: the rest of the answer arrives meanwhile
+        joined = await anext(stream)
+        rest = [item async for item in stream]
+        expected = (await collect(FakeEngine("tiny"), chat(40), "slow-reader"))[1]
+        assert joined.count("data: ") > 10  # one write to the client, not one per event
+        assert re.sub(r'"created": ?\d+', '"created":0', joined + "".join(rest)) == expected
