@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from serving.engine.vllm import _receiver
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -143,17 +145,9 @@ async def stream_and_hang_up(app, body: dict, *, after_chunks: int | None = None
     }
     gone = asyncio.Event()
     sent: list[dict] = []
-    request_sent = False
     if after_s is not None:
         asyncio.get_running_loop().call_later(after_s, gone.set)
-
-    async def receive() -> dict:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    receive = _receiver(raw, gone)  # the body once, then http.disconnect when the client is gone
 
     async def send(message: dict) -> None:
         if gone.is_set():
