@@ -11,7 +11,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import redis
 
 from serving.engine.vllm import _receiver
@@ -164,3 +166,25 @@ async def stream_and_hang_up(app, body: dict, *, after_chunks: int | None = None
     except Exception as exc:  # noqa: BLE001 - Starlette raises ClientDisconnect under ASGI 2.4
         assert type(exc).__name__ == "ClientDisconnect", exc
     return sent
+
+
+_UNCHECKED = object()
+
+
+def assert_envelope(response: httpx.Response, status: int, *, code: Any = None, param: Any = _UNCHECKED,
+                    request_id: bool = False) -> dict:
+    """The one OpenAI error envelope, never FastAPI's {"detail": ...}; returns the inner error.
+    `param` is checked when given; `request_id`: the response must carry x-request-id."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["code"] == code, error
+    if param is not _UNCHECKED:
+        assert error["param"] == param, error
+    if request_id:
+        assert "x-request-id" in response.headers
+    return error

@@ -10,7 +10,8 @@ import openai
 
 from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
-from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for  # noqa: F401 - re-exported
+from tests.support import (  # noqa: F401 - re-exported for the redis tests
+    assert_envelope, sse_json, sse_payloads, stream_and_hang_up, wait_for)
 
 CHAT = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens for the FakeEngine
 PROMPT_TOKENS = 4
@@ -63,19 +64,6 @@ def chat_body(*, model: str = "tiny", max_tokens: int = 6, **fields: Any) -> dic
 
 async def post_chat(client: httpx.AsyncClient, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
     return await client.post("/v1/chat/completions", json=chat_body(**fields), headers=headers or {})
-
-
-def assert_envelope(response: httpx.Response, status: int, *, code: Any = None) -> dict:
-    """The OpenAI error envelope; returns the inner error."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["code"] == code, error
-    return error
 
 
 async def settle(app) -> None:

@@ -24,6 +24,7 @@ from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Engine, Reply
 from serving.gateway.app import create_app
+from tests import support
 from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for
 
 MASKED = "The server had an error while processing your request."
@@ -72,18 +73,8 @@ def sdk_for(app) -> openai.AsyncOpenAI:
 
 
 def assert_envelope(response: httpx.Response, status: int, *, code: Any = None, param: Any = None) -> dict:
-    """The one OpenAI error envelope, never FastAPI's {"detail": ...}; returns the inner error."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["code"] == code
-    assert error["param"] == param
-    assert "x-request-id" in response.headers
-    return error
+    """The envelope with its param (None unless given) and an x-request-id."""
+    return support.assert_envelope(response, status, code=code, param=param, request_id=True)
 
 
 @pytest.fixture
