@@ -9,7 +9,6 @@ helm/serving/ci/cpu-demo-values.yaml (release `serving` in namespace `serving`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -45,18 +44,10 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail when the file is stale")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run python helm/gen_example.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gen_schema import write_or_check
+
+    return write_or_check(OUTPUT, render(), __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -397,19 +397,24 @@ def render() -> str:
     return json.dumps(build(), indent=2, sort_keys=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail when values.schema.json is stale")
+def write_or_check(path: Path, text: str, doc: str, argv: list[str] | None) -> int:
+    """The command line of a generator: write `path`, or with --check exit 1 when it differs from `text`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help=f"fail when {path.name} is stale")
     args = parser.parse_args(argv)
-    text = render()
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "the generator"
     if args.check:
-        if SCHEMA_PATH.read_text() != text:
-            print(f"{SCHEMA_PATH} is stale: run python helm/gen_schema.py", file=sys.stderr)
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale: run python helm/{script}", file=sys.stderr)
             return 1
         return 0
-    SCHEMA_PATH.write_text(text)
-    print(f"wrote {SCHEMA_PATH}")
+    path.write_text(text)
+    print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(SCHEMA_PATH, render(), __doc__, argv)
 
 
 if __name__ == "__main__":
