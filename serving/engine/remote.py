@@ -10,6 +10,9 @@ from serving.engine.channel import END, Accepted, ChannelClient, Failed
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
 
 READINESS_TTL_S = 2.0
+# A call that a replica took answers within milliseconds (Accepted, or ACCEPTED, or the answer); one
+# still unanswered after this long waits in Ray's router for a replica, and is refused if none runs.
+ADMISSION_CHECK_S = 1.0
 # What a ModelServer sends first when its engine is slow to answer (see serving.engine.server); never
 # passed on to the gateway.
 ACCEPTED = ""
@@ -26,9 +29,9 @@ class ReplicaCounter:
         self._fetched = 0.0
         self._lock = asyncio.Lock()
 
-    async def running(self, deployment: str) -> int:
+    async def running(self, deployment: str, max_age_s: float = READINESS_TTL_S) -> int:
         async with self._lock:
-            if time.monotonic() - self._fetched > READINESS_TTL_S:
+            if time.monotonic() - self._fetched > max_age_s:
                 self._counts = await asyncio.to_thread(self._fetch)
                 self._fetched = time.monotonic()
         return self._counts.get(deployment, 0)
@@ -73,7 +76,7 @@ class RemoteEngine:
         finished = False
         watcher: asyncio.Task | None = None
         try:
-            item = await anext(items)
+            item = await self._admitted(items, stream)
             if isinstance(item, Accepted):
                 if item.via_channel and channel is not None and queue is not None:
                     channel.bind(request_id, item.address)
@@ -124,6 +127,24 @@ class RemoteEngine:
                 stream.cancel()
                 if watcher is not None:
                     watcher.cancel()
+
+    async def _admitted(self, items: AsyncIterator[Any], stream: Any) -> Any:
+        """The call's first item. While it is late, ask (at most every ADMISSION_CHECK_S) whether any
+        replica runs: a gateway's cached view may be up to 2 s old, and a request it let through
+        after the last replica died would otherwise wait in Ray's router until a replacement loads."""
+        first = asyncio.ensure_future(anext(items))
+        try:
+            while True:
+                done, _ = await asyncio.wait({first}, timeout=ADMISSION_CHECK_S)
+                if done:
+                    return first.result()
+                if (self._replicas is not None and self._deployment is not None
+                        and await self._replicas.running(self._deployment, max_age_s=ADMISSION_CHECK_S) == 0):
+                    raise EngineUnavailable("no running replica took the request")
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
 
     async def ready(self) -> bool:
         if self._replicas is None or self._deployment is None:

@@ -21,10 +21,11 @@ class Counter(ReplicaCounter):
 
 
 class Handle:
-    """Stands in for a DeploymentHandle: `.options(stream=True).generate.remote(...)` yields items or fails."""
+    """Stands in for a DeploymentHandle: `.options(stream=True).generate.remote(...)` yields items or fails;
+    `delay_s` holds the first item back (a call queued in Ray's router), None: forever."""
 
-    def __init__(self, items, error: BaseException | None = None):
-        self.items, self.error, self.cancelled = items, error, False
+    def __init__(self, items, error: BaseException | None = None, delay_s: float | None = 0.0):
+        self.items, self.error, self.cancelled, self.delay_s = items, error, False, delay_s
 
     def options(self, **_):
         return self
@@ -41,6 +42,9 @@ class Handle:
                 return self._gen()
 
             async def _gen(self):
+                if handle.delay_s is None:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(handle.delay_s)
                 for item in handle.items:
                     yield item
                 if handle.error is not None:
@@ -96,5 +100,37 @@ def test_a_caller_that_leaves_early_cancels_the_call():
         assert await anext(stream) == "a"
         await stream.aclose()
         assert handle.cancelled
+
+    asyncio.run(scenario())
+
+
+def test_a_request_waiting_for_a_replica_that_is_gone_is_refused(monkeypatch):
+    """The gateway's view said one replica runs (cached); it died: the queued call is cancelled, 503."""
+    import serving.engine.remote as remote
+
+    monkeypatch.setattr(remote, "ADMISSION_CHECK_S", 0.05)
+
+    async def scenario():
+        counter = Counter(running=1)
+        assert await counter.running("model-m") == 1
+        counter.value = 0  # the controller knows; the cached view does not yet
+        handle = Handle(["a"], delay_s=None)
+        with pytest.raises(EngineUnavailable):
+            await drain(RemoteEngine(handle, "model-m", counter))
+        assert handle.cancelled and counter.fetches == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_request_queued_behind_busy_replicas_keeps_waiting(monkeypatch):
+    import serving.engine.remote as remote
+
+    monkeypatch.setattr(remote, "ADMISSION_CHECK_S", 0.05)
+
+    async def scenario():
+        counter = Counter(running=1)
+        handle = Handle(["a", "b"], delay_s=0.3)  # admitted after six checks: replicas run, just busy
+        assert await drain(RemoteEngine(handle, "model-m", counter)) == ["a", "b"]
+        assert not handle.cancelled
 
     asyncio.run(scenario())
