@@ -44,8 +44,9 @@ END = "\x00end"  # an item no engine yields (SSE text starts with "data: ")
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """First item of every channel-capable call: where the replica listens, and whether this
-    request's answer comes over the gateway's connection (True) or through the call itself."""
+    """First item of every ModelServer call, sent at once (so a cancellation can reach the call):
+    where the replica listens for direct streams (None when the gateway has them off), and whether
+    this request's answer comes over the gateway's connection (True) or through the call itself."""
 
     address: tuple[str, int] | None
     via_channel: bool
@@ -301,7 +302,8 @@ class ChannelClient:
         if task is not None and not task.done():
             return
         loop = asyncio.get_running_loop()
-        if loop.time() - self._failed_at.get(address, -RETRY_AFTER_S) < RETRY_AFTER_S:
+        failed = self._failed_at.get(address)
+        if failed is not None and loop.time() - failed < RETRY_AFTER_S:
             return  # it failed a moment ago: the calls carry the answers meanwhile
         self._connections[address] = loop.create_task(self._run(address))
 

@@ -10,12 +10,9 @@ from serving.engine.channel import END, Accepted, ChannelClient, Failed
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
 
 READINESS_TTL_S = 2.0
-# A call that a replica took answers within milliseconds (Accepted, or ACCEPTED, or the answer); one
+# A call that a replica took answers within milliseconds (its first item is Accepted); one
 # still unanswered after this long waits in Ray's router for a replica, and is refused if none runs.
 ADMISSION_CHECK_S = 1.0
-# What a ModelServer sends first when its engine is slow to answer (see serving.engine.server); never
-# passed on to the gateway.
-ACCEPTED = ""
 
 
 class ReplicaCounter:
@@ -76,38 +73,20 @@ class RemoteEngine:
         finished = False
         watcher: asyncio.Task | None = None
         try:
-            item = await self._admitted(items, stream)
-            if isinstance(item, Accepted):
-                if item.via_channel and channel is not None and queue is not None:
-                    channel.bind(request_id, item.address)
-                    watcher = asyncio.create_task(_watch(items, queue))
-                    held = None
-                    while True:
-                        got = held if held is not None else await queue.get()
-                        held = None
-                        if isinstance(got, Failed):
-                            raise RuntimeError(got.message)
-                        if isinstance(got, str):
-                            if got == END:
-                                break
-                            if not queue.empty():  # chunks that arrived meanwhile leave as one write
-                                parts = [got]
-                                while not queue.empty():
-                                    nxt = queue.get_nowait()
-                                    if not isinstance(nxt, str) or nxt == END:
-                                        held = nxt
-                                        break
-                                    parts.append(nxt)
-                                got = "".join(parts)
-                        yield got
-                    finished = True
-                    _WATCHERS.add(watcher)  # the call ends by itself right after; no need to wait for it
-                    watcher.add_done_callback(_WATCHERS.discard)
-                    return
-                if item.address is not None and channel is not None:
-                    channel.connect(item.address)  # the next requests to that replica take it
-            elif item != ACCEPTED:
-                yield item
+            item = await self._admitted(items)
+            if not isinstance(item, Accepted):
+                yield item  # a ModelServer always sends Accepted first; stand-ins in tests may not
+            elif item.via_channel and channel is not None and queue is not None:
+                channel.bind(request_id, item.address)
+                watcher = asyncio.create_task(_watch(items, queue))
+                async for got in _from_channel(queue):
+                    yield got
+                finished = True
+                _WATCHERS.add(watcher)  # the call ends by itself right after; no need to wait for it
+                watcher.add_done_callback(_WATCHERS.discard)
+                return
+            elif item.address is not None and channel is not None:
+                channel.connect(item.address)  # the next requests to that replica take it
             async for item in items:
                 yield item
             finished = True
@@ -128,7 +107,7 @@ class RemoteEngine:
                 if watcher is not None:
                     watcher.cancel()
 
-    async def _admitted(self, items: AsyncIterator[Any], stream: Any) -> Any:
+    async def _admitted(self, items: AsyncIterator[Any]) -> Any:
         """The call's first item. While it is late, ask (at most every ADMISSION_CHECK_S) whether any
         replica runs: a gateway's cached view may be up to 2 s old, and a request it let through
         after the last replica died would otherwise wait in Ray's router until a replacement loads."""
@@ -153,6 +132,29 @@ class RemoteEngine:
 
 
 _WATCHERS: set[asyncio.Task] = set()
+
+
+async def _from_channel(queue: asyncio.Queue) -> AsyncIterator[Reply | str]:
+    """One request's items as its direct stream delivers them, up to END; chunks that arrived
+    together leave as one item (one write to the client)."""
+    held = None
+    while True:
+        got = held if held is not None else await queue.get()
+        held = None
+        if isinstance(got, Failed):
+            raise RuntimeError(got.message)
+        if isinstance(got, str):
+            if got == END:
+                return
+            parts = [got]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if not isinstance(nxt, str) or nxt == END:
+                    held = nxt
+                    break
+                parts.append(nxt)
+            got = "".join(parts) if len(parts) > 1 else got
+        yield got
 
 
 async def _watch(items: AsyncIterator[Any], queue: asyncio.Queue) -> None:

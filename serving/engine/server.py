@@ -9,12 +9,6 @@ from typing import Any, AsyncIterator
 from serving.config import ModelConfig
 from serving.engine.protocol import Reply, Route
 from serving.engine.channel import Accepted, ChannelServer
-from serving.engine.remote import ACCEPTED
-
-# A call whose engine has not answered within this time first sends ACCEPTED: Ray delivers a caller's
-# cancellation to a replica only once the call has yielded something, so without it a non-streamed
-# request whose client left would hold its engine slot until the request timeout.
-ACCEPT_AFTER_S = 0.02
 
 logger = logging.getLogger(__name__)
 
@@ -41,34 +35,18 @@ class ModelServer:
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None,
                        gateway: tuple[str, str] | None = None) -> AsyncIterator[Reply | str | Accepted]:
-        """One request's answer. `gateway` (id, secret) comes from a gateway with direct streams: the
-        first item is then `Accepted`, and the answer goes over that gateway's connection if it is up."""
-        items = aiter(self.engine.generate(route, body, request_id, timeout_s))
-        if gateway is not None:
-            channel = await self._channel_server()
-            outbox = channel.outbox(*gateway)
-            via_channel = outbox is not None and outbox.connected
-            yield Accepted(channel.address, via_channel)  # also lets a cancellation reach this call
-            if via_channel:
-                await channel.serve(outbox, request_id, items)
-                return
-            async for item in items:
-                yield item
+        """One request's answer, after an `Accepted` sent at once: Ray delivers a caller's cancellation
+        only to a call that has yielded something, so without it a non-streamed request whose client
+        left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway
+        with direct streams: the answer then goes over that gateway's connection if it is up."""
+        items = self.engine.generate(route, body, request_id, timeout_s)
+        channel = await self._channel_server() if gateway is not None else None
+        outbox = channel.outbox(*gateway) if channel is not None else None
+        via_channel = outbox is not None and outbox.connected
+        yield Accepted(channel.address if channel is not None else None, via_channel)
+        if via_channel:
+            await channel.serve(outbox, request_id, items)
             return
-        first = asyncio.ensure_future(anext(items))
-        try:
-            done, _ = await asyncio.wait({first}, timeout=ACCEPT_AFTER_S)
-            if not done:
-                yield ACCEPTED
-            item = await first
-        except StopAsyncIteration:
-            return
-        finally:
-            if not first.done():  # cancelled while waiting: the engine request goes with it
-                first.cancel()
-                await asyncio.gather(first, return_exceptions=True)
-                await items.aclose()
-        yield item
         async for item in items:
             yield item
 
