@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from serving.engine.vllm import _receiver
@@ -188,3 +190,12 @@ def assert_envelope(response: httpx.Response, status: int, *, code: Any = None, 
     if request_id:
         assert "x-request-id" in response.headers
     return error
+
+
+@pytest.fixture(autouse=True)
+def no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_config reads SERVING_* variables: keep the caller's environment out of a test's verdict.
+    Autouse wherever it is imported (the suites' conftests and the modules that build configurations)."""
+    for key in list(os.environ):
+        if key.startswith("SERVING_"):
+            monkeypatch.delenv(key)

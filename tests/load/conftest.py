@@ -20,6 +20,7 @@ import pytest
 
 from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Reply
+from tests.support import no_serving_env  # noqa: F401 - autouse fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_KEY = "test-key-0123456789abcdef"
@@ -57,13 +58,6 @@ def gateway_config(port: int):
         "gateway": {"host": "127.0.0.1", "port": port},
         "auth": {"enabled": True, "keys": [{"name": "tests", "key": TEST_KEY}]},
     })
-
-
-@pytest.fixture(autouse=True)
-def _no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("SERVING_"):
-            monkeypatch.delenv(key)
 
 
 @pytest.fixture(scope="session")

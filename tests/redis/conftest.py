@@ -8,7 +8,6 @@ server is started again before the next test.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +16,7 @@ import pytest_asyncio
 import redis
 
 from tests.support import RedisServer
+from tests.support import no_serving_env  # noqa: F401 - autouse fixture
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
@@ -46,14 +46,6 @@ def redis_client(redis_url: str, redis_server: RedisServer) -> Iterator[redis.Re
     """A plain synchronous client, to look at what the platform wrote."""
     with redis_server.client() as client:
         yield client
-
-
-@pytest.fixture(autouse=True)
-def _no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """load_config reads SERVING_* variables: keep the caller's environment out of these tests."""
-    for key in list(os.environ):
-        if key.startswith("SERVING_"):
-            monkeypatch.delenv(key)
 
 
 @pytest_asyncio.fixture(loop_scope="function")

@@ -370,12 +370,16 @@ async def test_client_hanging_up_mid_stream_is_not_stored(gateway, redis_client)
 # -------------------------------------------------------------------------------- tenants and names
 
 
+async def alice_and_bob(app) -> tuple[str, str]:
+    """Two tenants: an API key each in the app's store."""
+    store = app.state.services.store.store
+    return (await create_key(store, "alice"))[0], (await create_key(store, "bob"))[0]
+
+
 @pytest.mark.parametrize("backend", ["redis", "memory"])
 async def test_answers_never_cross_keys(gateway, backend) -> None:
     app = gateway(store=store_for(backend), auth={"enabled": True})
-    store = app.state.services.store.store
-    alice, _ = await create_key(store, "alice")
-    bob, _ = await create_key(store, "bob")
+    alice, bob = await alice_and_bob(app)
     async with client_for(app, alice) as a, client_for(app, bob) as b:
         first = await post_chat(a, headers={"x-request-id": "alice-1"})
         await settle(app)
@@ -395,9 +399,7 @@ async def test_answers_never_cross_keys(gateway, backend) -> None:
 
 async def test_shared_cache_crosses_keys_when_configured(gateway) -> None:
     app = gateway(auth={"enabled": True}, cache={"shared": True})
-    store = app.state.services.store.store
-    alice, _ = await create_key(store, "alice")
-    bob, _ = await create_key(store, "bob")
+    alice, bob = await alice_and_bob(app)
     async with client_for(app, alice) as a, client_for(app, bob) as b:
         first = await post_chat(a, headers={"x-request-id": "alice-1"})
         await settle(app)

@@ -6,7 +6,6 @@ The `check_vllm=True` tests import vllm once (a few seconds); nothing starts an 
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,9 @@ import pytest
 import yaml
 
 from serving.config import ConfigError, ServingConfig, dump_config, load_config
+from tests.support import no_serving_env  # noqa: F401 - autouse fixture
 
 MODEL = {"name": "tiny", "source": "/models/tiny"}
-
-
-@pytest.fixture(autouse=True)
-def _no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("SERVING_"):
-            monkeypatch.delenv(key)
 
 
 def write(tmp_path: Path, text: str, name: str = "serving.yaml") -> Path:

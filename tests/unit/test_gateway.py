@@ -10,7 +10,6 @@ import asyncio
 import base64
 import gc
 import json
-import os
 import re
 import struct
 from typing import Any, AsyncIterator
@@ -26,6 +25,7 @@ from serving.engine.protocol import Engine, Reply
 from serving.gateway.app import create_app
 from tests import support
 from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for
+from tests.support import no_serving_env  # noqa: F401 - autouse fixture
 
 MASKED = "The server had an error while processing your request."
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -33,14 +33,6 @@ CHAT = [{"role": "user", "content": "Tell me about the gateway"}]
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True)
-def _no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """load_config reads SERVING_* variables: keep the caller's environment out of these tests."""
-    for key in list(os.environ):
-        if key.startswith("SERVING_"):
-            monkeypatch.delenv(key)
 
 
 def make_config(**gateway: Any) -> ServingConfig:
