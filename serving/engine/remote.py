@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator
 
 from serving.engine.channel import END, Accepted, ChannelClient, Failed
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
+
+logger = logging.getLogger(__name__)
 
 READINESS_TTL_S = 2.0
 # A call that a replica took answers within milliseconds (its first item is Accepted); one
@@ -16,26 +19,43 @@ ADMISSION_CHECK_S = 1.0
 
 
 class ReplicaCounter:
-    """Running replicas per deployment, from Ray Serve's controller, refreshed at most every 2 s.
+    """Running replicas per deployment, from Ray Serve's controller.
 
-    Asking the replicas themselves would queue the question behind their busy requests."""
+    Asking the replicas themselves would queue the question behind their busy requests. A view older
+    than its TTL is refreshed in the background while requests go on with it (asking the controller
+    takes milliseconds, and every request would wait for it); a request waits for the controller only
+    when there is no view yet, the view was dropped after a failed call, it would be refused (0
+    running: only fresh evidence refuses), or it asks to (`wait`)."""
 
     def __init__(self, app_name: str):
         self.app_name = app_name
         self._counts: dict[str, int] = {}
         self._fetched = 0.0
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Future | None = None
+        self._dropped = 0  # how often the view was dropped: an answer asked for before a drop is not fresh
 
-    async def running(self, deployment: str, max_age_s: float = READINESS_TTL_S) -> int:
-        async with self._lock:
-            if time.monotonic() - self._fetched > max_age_s:
-                self._counts = await asyncio.to_thread(self._fetch)
-                self._fetched = time.monotonic()
+    async def running(self, deployment: str, max_age_s: float = READINESS_TTL_S, wait: bool = False) -> int:
+        if time.monotonic() - self._fetched > max_age_s:
+            refresh = self._refresh()
+            if wait or self._fetched == 0.0 or self._counts.get(deployment, 0) == 0:
+                await asyncio.shield(refresh)
         return self._counts.get(deployment, 0)
 
     def invalidate(self) -> None:
         """A replica failed a call: the next readiness question asks the controller again."""
         self._fetched = 0.0
+        self._dropped += 1
+
+    def _refresh(self) -> asyncio.Future:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._fetch_now())
+            self._refreshing.add_done_callback(_log_failure)
+        return self._refreshing
+
+    async def _fetch_now(self) -> None:
+        dropped, asked = self._dropped, time.monotonic()
+        self._counts = await asyncio.to_thread(self._fetch)
+        self._fetched = asked if dropped == self._dropped else 0.0
 
     def _fetch(self) -> dict[str, int]:
         from ray import serve
@@ -118,7 +138,7 @@ class RemoteEngine:
                 if done:
                     return first.result()
                 if (self._replicas is not None and self._deployment is not None
-                        and await self._replicas.running(self._deployment, max_age_s=ADMISSION_CHECK_S) == 0):
+                        and await self._replicas.running(self._deployment, max_age_s=ADMISSION_CHECK_S, wait=True) == 0):
                     raise EngineUnavailable("no running replica took the request")
         finally:
             if not first.done():
@@ -132,6 +152,11 @@ class RemoteEngine:
 
 
 _WATCHERS: set[asyncio.Task] = set()
+
+
+def _log_failure(refresh: asyncio.Future) -> None:
+    if not refresh.cancelled() and refresh.exception() is not None:  # waiters see it; a background one is logged
+        logger.warning("asking Ray Serve's controller for running replicas failed: %r", refresh.exception())
 
 
 async def _from_channel(queue: asyncio.Queue) -> AsyncIterator[Reply | str]:

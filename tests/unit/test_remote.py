@@ -1,8 +1,9 @@
-"""RemoteEngine's readiness view: cached for 2 s, dropped when a replica fails a call."""
+"""RemoteEngine's readiness view: cached for 2 s, refreshed behind requests, dropped when a replica fails a call."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -11,12 +12,17 @@ from serving.engine.remote import RemoteEngine, ReplicaCounter
 
 
 class Counter(ReplicaCounter):
+    """The controller's answer is `value`; while `slow` is clear, asking it blocks (in its thread)."""
+
     def __init__(self, running: int):
         super().__init__("serving")
         self.fetches, self.value = 0, running
+        self.slow = threading.Event()
+        self.slow.set()
 
     def _fetch(self) -> dict[str, int]:
         self.fetches += 1
+        self.slow.wait(timeout=10)
         return {"model-m": self.value}
 
 
@@ -132,5 +138,49 @@ def test_a_request_queued_behind_busy_replicas_keeps_waiting(monkeypatch):
         handle = Handle(["a", "b"], delay_s=0.3)  # admitted after six checks: replicas run, just busy
         assert await drain(RemoteEngine(handle, "model-m", counter)) == ["a", "b"]
         assert not handle.cancelled
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_view_is_refreshed_behind_requests_but_a_refusal_waits_for_the_controller():
+    async def scenario():  # max_age_s=0: every question finds the view stale
+        counter = Counter(running=1)
+        assert await counter.running("model-m", max_age_s=0.0) == 1  # no view yet: waited for it
+        counter.slow.clear()  # the controller is slow now
+        counter.value = 2
+        answered = await asyncio.wait_for(counter.running("model-m", max_age_s=0.0), timeout=1)
+        assert answered == 1 and counter.fetches == 2  # the old view at once; the question is out
+        assert await asyncio.wait_for(counter.running("model-m", max_age_s=0.0), timeout=1) == 1
+        assert counter.fetches == 2  # one question at a time
+        waiting = asyncio.ensure_future(counter.running("model-m", max_age_s=0.0, wait=True))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # asked to wait: it does
+        counter.slow.set()
+        assert await waiting == 2
+        counter.value = 0
+        counter.invalidate()  # a failed call: the next question waits for a fresh answer
+        assert await counter.running("model-m", max_age_s=0.0) == 0
+        counter.value = 1
+        counter.slow.clear()
+        refused_view = asyncio.ensure_future(counter.running("model-m", max_age_s=0.0))
+        await asyncio.sleep(0.1)
+        assert not refused_view.done()  # 0 running: a refusal needs the controller's fresh word
+        counter.slow.set()
+        assert await refused_view == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_view_asked_for_before_a_failed_call_is_not_taken_as_fresh():
+    async def scenario():
+        counter = Counter(running=1)
+        counter.slow.clear()
+        question = asyncio.ensure_future(counter.running("model-m"))
+        await asyncio.sleep(0.05)
+        counter.invalidate()  # a call failed while the question was out
+        counter.slow.set()
+        assert await question == 1
+        await counter.running("model-m")
+        assert counter.fetches == 2  # asked again: the first answer predates the failure
 
     asyncio.run(scenario())
