@@ -27,7 +27,8 @@ class Gateway:
         self.config = ServingConfig.model_validate(config)
         replicas = ReplicaCounter(APP_NAME)
         channel = ChannelClient() if self.config.gateway.direct_streams else None
-        self.engines = {m.name: RemoteEngine(models[m.name], m.deployment_name, replicas, channel)
+        transport = _handle_transport()
+        self.engines = {m.name: RemoteEngine(models[m.name].options(**transport), m.deployment_name, replicas, channel)
                         for m in self.config.models}
 
     def __serve_build_asgi_app__(self):
@@ -37,6 +38,19 @@ class Gateway:
         # metrics through Ray's per-node agent (they add up across replicas); Ray Serve's proxy puts
         # x-request-id on every request and response already
         return create_app(self.config, self.engines, metrics=GatewayMetrics(RayBackend()), echo_request_id=False)
+
+
+def _handle_transport() -> dict[str, Any]:
+    """The handles' transport as this replica's Ray settings choose it (gRPC in throughput mode).
+
+    A handle passed in as an argument keeps the options of the process that made it, and that
+    process (the driver, or Serve's controller) may have read Ray's settings before they were set:
+    its calls would then go as Ray actor calls (1-2 ms slower each, docs/benchmarks.md)."""
+    try:
+        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+    except ImportError:  # Ray moved it: keep the handles as they came
+        return {}
+    return {"_by_reference": not RAY_SERVE_USE_GRPC_BY_DEFAULT}
 
 
 def model_deployment_options(model: ModelConfig) -> dict[str, Any]:

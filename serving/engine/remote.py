@@ -74,6 +74,7 @@ class RemoteEngine:
 
     def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None,
                  channel: ChannelClient | None = None):
+        self._handle = handle
         self._generate = handle.options(stream=True).generate
         self._deployment = deployment
         self._replicas = replicas
@@ -137,8 +138,7 @@ class RemoteEngine:
                 done, _ = await asyncio.wait({first}, timeout=ADMISSION_CHECK_S)
                 if done:
                     return first.result()
-                if (self._replicas is not None and self._deployment is not None
-                        and await self._replicas.running(self._deployment, max_age_s=ADMISSION_CHECK_S, wait=True) == 0):
+                if await self._running(max_age_s=ADMISSION_CHECK_S, wait=True) == 0:
                     raise EngineUnavailable("no running replica took the request")
         finally:
             if not first.done():
@@ -146,9 +146,33 @@ class RemoteEngine:
                 await asyncio.gather(first, return_exceptions=True)
 
     async def ready(self) -> bool:
+        running = await self._running()
+        return running is None or running > 0
+
+    async def _running(self, max_age_s: float = READINESS_TTL_S, wait: bool = False) -> int | None:
+        """Running replicas: what the handle's own router knows (no question asked: Ray Serve's
+        controller pushes every change to it, and it drops a replica whose call found it dead), else
+        the controller's answer through the ReplicaCounter; None when neither is at hand."""
+        seen = router_view(self._handle)
+        if seen is not None:
+            return seen
         if self._replicas is None or self._deployment is None:
-            return True
-        return await self._replicas.running(self._deployment) > 0
+            return None
+        return await self._replicas.running(self._deployment, max_age_s, wait)
+
+
+def router_view(handle: Any) -> int | None:
+    """The replicas a DeploymentHandle's router would send a request to now, or None before the
+    controller has told it anything. Internals of Ray Serve 2.60 (pinned in pyproject.toml; a test
+    checks them against the real app): if they change, the gateway asks the controller instead."""
+    try:
+        router = handle._router._asyncio_router
+        request_router = router._request_router
+        if request_router is not None:
+            return len(request_router.curr_replicas)
+        return None if router._running_replicas is None else len(router._running_replicas)
+    except AttributeError:
+        return None
 
 
 _WATCHERS: set[asyncio.Task] = set()

@@ -32,6 +32,32 @@ def test_health_and_ready(http):
     assert ready.json()["models"] == {"demo-chat": True, "demo-chat-b": True, "all-minilm-l6-v2": True}
 
 
+def test_replica_counts_come_from_the_handles_router(platform, platform_config):
+    """The gateway reads running replicas from its handle's router (Ray Serve internals, see
+    serving.engine.remote.router_view); if a Ray upgrade moves them this fails, instead of the gateway
+    quietly falling back to asking the controller on every TTL."""
+    import asyncio
+
+    from ray import serve
+
+    from serving.app import APP_NAME
+    from serving.engine.remote import router_view
+
+    async def counts() -> dict[str, int | None]:
+        handles = {m.name: serve.get_deployment_handle(m.deployment_name, APP_NAME) for m in platform_config.models}
+        for handle in handles.values():
+            handle.options(stream=True)  # makes the router, as RemoteEngine does
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the controller's first push takes a moment
+            seen = {name: router_view(handle) for name, handle in handles.items()}
+            if None not in seen.values():
+                return seen
+            await asyncio.sleep(0.1)
+        return seen
+
+    assert asyncio.run(counts()) == {m.name: m.replicas for m in platform_config.models}
+
+
 def _stream(client, **kwargs):
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -149,6 +150,7 @@ def test_a_stale_view_is_refreshed_behind_requests_but_a_refusal_waits_for_the_c
         counter.slow.clear()  # the controller is slow now
         counter.value = 2
         answered = await asyncio.wait_for(counter.running("model-m", max_age_s=0.0), timeout=1)
+        await asyncio.sleep(0.05)  # the question's thread starts
         assert answered == 1 and counter.fetches == 2  # the old view at once; the question is out
         assert await asyncio.wait_for(counter.running("model-m", max_age_s=0.0), timeout=1) == 1
         assert counter.fetches == 2  # one question at a time
@@ -184,3 +186,17 @@ def test_a_view_asked_for_before_a_failed_call_is_not_taken_as_fresh():
         assert counter.fetches == 2  # asked again: the first answer predates the failure
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("throughput_mode, by_reference", [("1", False), ("0", True)])
+def test_gateway_handles_take_the_transport_of_the_replicas_own_ray_settings(throughput_mode, by_reference):
+    """Handles arrive pickled from the driver, with the transport the driver chose when it imported
+    Ray Serve; the gateway re-chooses it from its own process's settings (gRPC in throughput mode)."""
+    import subprocess
+    import sys
+
+    code = "from serving.app import _handle_transport; print(_handle_transport())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": throughput_mode})
+    assert out.stdout.strip().splitlines()[-1] == repr({"_by_reference": by_reference})
