@@ -40,15 +40,24 @@ class ModelServer:
         left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway
         with direct streams: the answer then goes over that gateway's connection if it is up."""
         items = self.engine.generate(route, body, request_id, timeout_s)
-        channel = await self._channel_server() if gateway is not None else None
-        outbox = channel.outbox(*gateway) if channel is not None else None
-        via_channel = outbox is not None and outbox.connected
-        yield Accepted(channel.address if channel is not None else None, via_channel)
-        if via_channel:
-            await channel.serve(outbox, request_id, items)
-            return
-        async for item in items:
-            yield item
+        # the engine starts on the request now (vLLM parses it, applies the chat template, tokenizes),
+        # while Accepted travels to the gateway; engines never yield None
+        first = asyncio.ensure_future(anext(items, None))
+        try:
+            channel = await self._channel_server() if gateway is not None else None
+            outbox = channel.outbox(*gateway) if channel is not None else None
+            via_channel = outbox is not None and outbox.connected
+            yield Accepted(channel.address if channel is not None else None, via_channel)
+            if via_channel:
+                await channel.serve(outbox, request_id, _after(first, items))
+                return
+            async for item in _after(first, items):
+                yield item
+        finally:
+            if not first.done():
+                first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await items.aclose()  # the call ended or was cancelled: the engine request ends too
 
     async def _channel_server(self) -> ChannelServer:
         async with self._channel_lock:
@@ -79,3 +88,13 @@ class ModelServer:
                 await stop()
             except Exception:  # noqa: BLE001 - shutting down; nothing left to tell
                 logger.exception("stopping the engine of %s", self.model.name)
+
+
+async def _after(first: asyncio.Future, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`items`, the first of which `first` already asked for."""
+    item = await first
+    if item is None:
+        return
+    yield item
+    async for item in items:
+        yield item

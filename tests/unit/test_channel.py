@@ -239,3 +239,22 @@ async def test_chunks_that_arrived_together_leave_as_one_item() -> None:
         expected = (await collect(FakeEngine("tiny"), chat(40), "slow-reader"))[1]
         assert joined.count("data: ") > 10  # one write to the client, not one per event
         assert re.sub(r'"created": ?\d+', '"created":0', joined + "".join(rest)) == expected
+
+
+async def test_the_engine_starts_before_accepted_is_read_and_a_call_cancelled_there_aborts_it() -> None:
+    fake = FakeEngine("tiny", ttft_s=0.5)
+    server = await model_server(fake)
+    try:
+        call = server.generate("chat", chat(50), "early", None, None)
+        accepted = await anext(call)
+        assert accepted.via_channel is False
+        await asyncio.sleep(0.05)
+        assert fake.started == ["early"] and fake.in_flight == 1  # at work while Accepted was on its way
+        await call.aclose()  # Ray cancelled the call right after its first item
+        assert fake.aborted == ["early"] and fake.in_flight == 0
+        # and an answer read to its end is whole
+        items = [item async for item in server.generate("chat", chat(3, stream=False), "whole", None, None)]
+        assert isinstance(items[1], Reply) and items[1].status == 200 and len(items) == 2
+    finally:
+        if server._channel is not None:
+            await server._channel.stop()
