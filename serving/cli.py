@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("dir", type=Path)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lora", type=Path, help="also build a random LoRA adapter for it here")
+    demo.add_argument("--shape", help="instead: the config of a real model's shape (e.g. llama-8b) with the demo "
+                      "tokenizer and no weights; serve it with engine_args load_format: dummy")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -80,9 +82,18 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from serving.demo import build_demo_lora, build_demo_model
+    from serving.demo import SHAPES, build_demo_lora, build_demo_model, build_shaped_model
 
     started = time.monotonic()
+    if args.shape:
+        if args.shape not in SHAPES:
+            raise ConfigError(f"unknown --shape {args.shape!r}; known: {', '.join(sorted(SHAPES))}")
+        if args.lora:
+            raise ConfigError("--lora builds an adapter for the demo model's weights; a --shape model has none")
+        print(f"{args.shape}-shaped model (no weights; engine_args load_format: dummy): "
+              f"{build_shaped_model(args.dir, args.shape)}")
+        print(f"built in {time.monotonic() - started:.1f}s")
+        return 0
     model_dir = build_demo_model(args.dir, seed=args.seed)
     print(f"demo model: {model_dir}")
     if args.lora:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -228,6 +228,41 @@ def build_demo_model(out_dir: str | Path, seed: int = 0, *, overwrite: bool = Tr
     def build(tmp: Path) -> None:
         tokenizer = _build_tokenizer(tmp)
         _build_weights(tmp, tokenizer, seed)
+
+    return _build_atomically(out, build, overwrite)
+
+
+# Model shapes for benchmarks on real accelerators: the transformer of a well-known model with the
+# demo tokenizer. No weights are written; serve them with `load_format: dummy` (vLLM initialises
+# random weights itself), so a shape of billions of parameters costs a few kB on disk.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-8b": {  # Llama 3 8B's layers (its 128k vocabulary is the demo tokenizer's here)
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+    },
+}
+
+
+def build_shaped_model(out_dir: str | Path, shape: str, *, overwrite: bool = True) -> Path:
+    """The demo tokenizer and the config of model shape `shape` (see SHAPES), in bfloat16, no weights."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(sorted(SHAPES))}")
+    out = Path(out_dir).expanduser().resolve()
+
+    def build(tmp: Path) -> None:
+        from transformers import GenerationConfig, LlamaConfig
+
+        tokenizer = _build_tokenizer(tmp)
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+               (("bos", BOS), ("eos", EOS), ("pad", PAD), ("im_end", IM_END))}
+        config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), bos_token_id=ids["bos"],
+                             eos_token_id=ids["eos"], pad_token_id=ids["pad"], tie_word_embeddings=False)
+        config.architectures = ["LlamaForCausalLM"]
+        config.dtype = "bfloat16"
+        config.save_pretrained(str(tmp))
+        GenerationConfig(bos_token_id=ids["bos"], eos_token_id=[ids["eos"], ids["im_end"]],
+                         pad_token_id=ids["pad"]).save_pretrained(str(tmp))
 
     return _build_atomically(out, build, overwrite)
 

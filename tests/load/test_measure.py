@@ -155,3 +155,35 @@ def test_benchmark_server_process_starts_and_stops(tmp_path):
         results, _ = bench._loop_runner()(bench.drive(server.base_url, payloads, 2, servers.BENCH_KEY))
         assert all(r.ok and r.output_tokens == 4 for r in results)
     assert server.proc.poll() is not None and not servers.session_pids(server.proc.pid)
+
+
+def test_bench_serves_the_model_of_a_model_file_to_both_servers(tmp_path):
+    """--model: one model in the configuration's format (what the GPU comparison uses), the same
+    engine arguments for plain vLLM (its argv) and the platform (its configuration file)."""
+    import yaml
+
+    from serving.demo import build_shaped_model
+    from serving.engine.vllm_args import serve_argv
+
+    shaped = build_shaped_model(tmp_path / "llama-8b-shape", "llama-8b")
+    entry = yaml.safe_load(open("loadtests/models/llama-8b-shape.yaml"))
+    entry["source"] = str(shaped)
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text(yaml.safe_dump({"models": [entry]}))  # a whole configuration works too
+    args = bench.parse_args(["--model", str(model_file), "--out", str(tmp_path / "out")])
+    factories, name = bench.server_factories(args, tmp_path)
+    assert name == "llama-8b-shape" and [label for label, _ in factories] == ["plain vLLM", "platform"]
+    platform = yaml.safe_load((tmp_path / "platform.yaml").read_text())["models"][0]
+    assert platform["engine_args"]["load_format"] == "dummy" and platform["resources"] == {"gpus": 1, "cpus": 4}
+    from serving.config import load_config
+
+    argv, _ = serve_argv(load_config(data={"models": [entry]}).models[0])
+    assert argv[argv.index("--load-format") + 1] == "dummy" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "llama-8b-shape on vllm" in args.engine_note and "OMP_NUM_THREADS=4" in args.engine_note
+    with pytest.raises(SystemExit, match="expected one model"):
+        bench.read_model_file(_write(tmp_path / "bad.yaml", "just a string"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -199,3 +199,20 @@ def test_ensure_demo_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(demo, "build_demo_lora", no_rebuild)
     assert demo.ensure_demo(tmp_path) == (model_dir, lora_dir)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_shaped_model_has_the_shape_the_demo_tokenizer_and_no_weights(tmp_path: Path) -> None:
+    out = demo.build_shaped_model(tmp_path / "llama-8b", "llama-8b")
+    config = json.loads((out / "config.json").read_text())
+    for key, value in demo.SHAPES["llama-8b"].items():
+        if key != "rope_theta":  # transformers files it under rope_parameters
+            assert config[key] == value, key
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert config["vocab_size"] == len(tokenizer) and tokenizer.chat_template
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    with torch.device("meta"):  # no memory: only the parameters' shapes
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(str(out)))
+    assert 6.9e9 < model.num_parameters() < 7.1e9  # Llama 3 8B's layers; its 128k-token embeddings are not here
+    with pytest.raises(ValueError, match="unknown model shape"):
+        demo.build_shaped_model(tmp_path / "x", "llama-9000b")
