@@ -109,3 +109,34 @@ def test_failed_and_truncated_streams_and_bad_keys_are_failures(fake_gateway, tm
     assert "error event" in errors["fake-broken"]
     assert "truncated stream" in errors["fake-truncated"]
     assert "401" in errors["fake-a"]
+
+
+def test_two_runs_side_by_side(fake_gateway, tmp_path):
+    """`loadtests.versus` on two real locust runs of the same profile: against fake-a (30 ms to the first
+    token, 4 ms between tokens), then fake-b (10 ms, 2 ms) — as if against two servers."""
+    for model in ("fake-a", "fake-b"):
+        profile = write_profile(tmp_path / f"{model}.toml", 3, "4s", ["ChatStreamUser"], models=model,
+                                output_tokens=16)
+        done = run_module(["loadtests.run", "--profile", str(profile), "--base-url", fake_gateway, "--out",
+                           str(tmp_path / model), "--api-key", TEST_KEY])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = tmp_path / "versus"
+    done = run_module(["loadtests.versus", f"slow={tmp_path / 'fake-a'}", f"fast={tmp_path / 'fake-b'}", "--out", str(out)])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with (out / "versus.csv").open() as f:
+        rows = {(r["kind"], r["run"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("chat-stream", "slow"), ("chat-stream", "fast"), ("all", "slow"), ("all", "fast")}
+    fast, slow = rows[("chat-stream", "fast")], rows[("chat-stream", "slow")]
+    assert int(fast["failures"]) == int(slow["failures"]) == 0
+    assert float(fast["vs_ttft_ms_p50"]) == pytest.approx(float(fast["ttft_ms_p50"]) - float(slow["ttft_ms_p50"]))
+    assert float(fast["vs_ttft_ms_p50"]) < -10 and float(fast["vs_itl_ms_p50"]) < -1
+    assert float(fast["vs_output_tokens_per_s"]) > 1.3  # closed-loop users: shorter answers, more of them
+    assert slow["vs_ttft_ms_p50"] == ""  # the first run is the reference
+    report = (out / "versus.md").read_text()
+    assert "**fast / slow**" in report and "![ttft_cdf](ttft_cdf.png)" in report
+    for name in ("ttft_cdf.png", "itl_cdf.png", "latency_cdf.png", "throughput.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+    assert run_module(["loadtests.versus", f"only={tmp_path / 'fake-a'}", "--out", str(out)]).returncode == 2
+    empty = run_module(["loadtests.versus", f"a={tmp_path / 'fake-a'}", f"b={tmp_path}", "--out", str(out)])
+    assert empty.returncode == 2 and "no samples" in empty.stderr
