@@ -28,7 +28,8 @@ class Gateway:
         replicas = ReplicaCounter(APP_NAME)
         channel = ChannelClient() if self.config.gateway.direct_streams else None
         transport = _handle_transport()
-        self.engines = {m.name: RemoteEngine(models[m.name].options(**transport), m.deployment_name, replicas, channel)
+        self.engines = {m.name: RemoteEngine(models[m.name].options(**transport), m.deployment_name, replicas, channel,
+                                             scales_to_zero=m.scales_to_zero)
                         for m in self.config.models}
 
     def __serve_build_asgi_app__(self):

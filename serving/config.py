@@ -45,7 +45,9 @@ class _Strict(BaseModel):
 class Autoscaling(_Strict):
     """Ray Serve autoscaling for one model's replicas."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets a model scale to zero.")
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest replicas; 0 lets a model scale to zero: a request then waits for a "
+        "replica to start (within gateway.request_timeout_s), and /ready counts the model as ready.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
     target_ongoing_requests: float = Field(
         ...,
@@ -135,6 +137,11 @@ class ModelConfig(_Strict):
     @property
     def deployment_name(self) -> str:
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Its autoscaling may leave it no replica (a request then starts one)."""
+        return self.autoscaling is not None and self.autoscaling.min_replicas == 0
 
 
 class GatewayConfig(_Strict):

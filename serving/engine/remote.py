@@ -73,8 +73,11 @@ class RemoteEngine:
     replica that took the call, once that connection is up (serving.engine.channel)."""
 
     def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None,
-                 channel: ChannelClient | None = None):
+                 channel: ChannelClient | None = None, scales_to_zero: bool = False):
+        """scales_to_zero: the model's autoscaling may leave it no replica; a request then waits in Ray
+        Serve's router, which is what makes the autoscaler start one, instead of being refused."""
         self._handle = handle
+        self._scales_to_zero = scales_to_zero
         self._generate = handle.options(stream=True).generate
         self._deployment = deployment
         self._replicas = replicas
@@ -138,7 +141,7 @@ class RemoteEngine:
                 done, _ = await asyncio.wait({first}, timeout=ADMISSION_CHECK_S)
                 if done:
                     return first.result()
-                if await self._running(max_age_s=ADMISSION_CHECK_S, wait=True) == 0:
+                if not self._scales_to_zero and await self._running(max_age_s=ADMISSION_CHECK_S, wait=True) == 0:
                     raise EngineUnavailable("no running replica took the request")
         finally:
             if not first.done():
@@ -146,6 +149,10 @@ class RemoteEngine:
                 await asyncio.gather(first, return_exceptions=True)
 
     async def ready(self) -> bool:
+        """A replica runs, or none needs to: a model that scales to zero takes requests at zero (the
+        first one starts a replica and waits for it, within the gateway's request timeout)."""
+        if self._scales_to_zero:
+            return True
         running = await self._running()
         return running is None or running > 0
 

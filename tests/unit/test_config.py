@@ -481,6 +481,8 @@ def test_deployment_options_autoscaling_and_resources() -> None:
     assert "num_replicas" not in options
     auto = options["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (0, 4, 16)
+    assert model.scales_to_zero  # the gateway lets its requests wait for a replica instead of refusing them
+    assert not model.model_copy(update={"autoscaling": None}).scales_to_zero
     actor = options["ray_actor_options"]
     assert actor["num_gpus"] == 2 and actor["num_cpus"] == 4
     assert actor["accelerator_type"] == "H100"

@@ -200,3 +200,24 @@ def test_gateway_handles_take_the_transport_of_the_replicas_own_ray_settings(thr
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                          env={**env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": throughput_mode})
     assert out.stdout.strip().splitlines()[-1] == repr({"_by_reference": by_reference})
+
+
+def test_a_model_that_scales_to_zero_takes_requests_at_zero(monkeypatch):
+    """No replica runs: a model whose autoscaling allows zero lets the request wait in Ray's router
+    (which is what makes Ray Serve start a replica) and is ready; any other model refuses at once."""
+    import serving.engine.remote as remote
+
+    monkeypatch.setattr(remote, "ADMISSION_CHECK_S", 0.05)
+
+    async def scenario():
+        counter = Counter(running=0)
+        handle = Handle(["a", "b"], delay_s=0.3)  # the first replica starts and takes it after 6 checks
+        cold = RemoteEngine(handle, "model-m", counter, scales_to_zero=True)
+        assert await cold.ready()
+        assert await drain(cold) == ["a", "b"] and not handle.cancelled
+        warm_only = RemoteEngine(Handle(["a"]), "model-m", counter)
+        assert not await warm_only.ready()
+        with pytest.raises(EngineUnavailable):
+            await drain(warm_only)
+
+    asyncio.run(scenario())
