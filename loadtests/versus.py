@@ -101,8 +101,9 @@ def plots(runs: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]], ou
         if not ok:
             continue
         t0 = min(float(r["start"]) for r in requests)
-        width = _bucket_width(max(float(r["end"]) for r in requests) - t0)
-        n = int((max(float(r["end"]) for r in requests) - t0) // width) + 1
+        span = max(float(r["end"]) for r in requests) - t0
+        width = _bucket_width(span)
+        n = int(span // width) + 1
         ax.plot((np.arange(n) + 0.5) * width, _tokens_over_time(ok, t0, width, n), marker=".", label=run)
     ax.set_title("Output tokens/s over time")
     ax.set_xlabel("seconds since the run's start")

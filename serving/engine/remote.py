@@ -141,7 +141,7 @@ class RemoteEngine:
                 done, _ = await asyncio.wait({first}, timeout=ADMISSION_CHECK_S)
                 if done:
                     return first.result()
-                if not self._scales_to_zero and await self._running(max_age_s=ADMISSION_CHECK_S, wait=True) == 0:
+                if await self._running(max_age_s=ADMISSION_CHECK_S, wait=True) == 0:
                     raise EngineUnavailable("no running replica took the request")
         finally:
             if not first.done():
@@ -149,17 +149,17 @@ class RemoteEngine:
                 await asyncio.gather(first, return_exceptions=True)
 
     async def ready(self) -> bool:
-        """A replica runs, or none needs to: a model that scales to zero takes requests at zero (the
-        first one starts a replica and waits for it, within the gateway's request timeout)."""
-        if self._scales_to_zero:
-            return True
         running = await self._running()
         return running is None or running > 0
 
     async def _running(self, max_age_s: float = READINESS_TTL_S, wait: bool = False) -> int | None:
         """Running replicas: what the handle's own router knows (no question asked: Ray Serve's
         controller pushes every change to it, and it drops a replica whose call found it dead), else
-        the controller's answer through the ReplicaCounter; None when neither is at hand."""
+        the controller's answer through the ReplicaCounter. None when no count decides: neither is at
+        hand, or the model scales to zero — it takes requests at zero (the first one starts a replica
+        and waits for it, within the gateway's request timeout)."""
+        if self._scales_to_zero:
+            return None
         seen = router_view(self._handle)
         if seen is not None:
             return seen
