@@ -169,15 +169,19 @@ class RemoteEngine:
 
 
 def router_view(handle: Any) -> int | None:
-    """The replicas a DeploymentHandle's router would send a request to now, or None before the
-    controller has told it anything. Internals of Ray Serve 2.60 (pinned in pyproject.toml; a test
-    checks them against the real app): if they change, the gateway asks the controller instead."""
+    """The replicas a DeploymentHandle's router would send a request to now, or None until the
+    controller has told it of a running replica (a new gateway replica's router starts empty, and an
+    empty view then means "not told yet", not "none run"). Internals of Ray Serve 2.60 (pinned in
+    pyproject.toml; a test checks them against the real app): if they change, the gateway asks the
+    controller instead."""
     try:
         router = handle._router._asyncio_router
+        if not router.running_replicas_populated():
+            return None
         request_router = router._request_router
         if request_router is not None:
             return len(request_router.curr_replicas)
-        return None if router._running_replicas is None else len(router._running_replicas)
+        return len(router._running_replicas or ())
     except AttributeError:
         return None
 

@@ -32,6 +32,15 @@ def replicas(deployment: str) -> list[dict]:
     return [a for a in state.actors().values() if (a.get("Name") or "").startswith(prefix) and a["State"] == "ALIVE"]
 
 
+def _running(deployment: str) -> int:
+    """Running replicas as Ray Serve's controller counts them (a loading replica is not running)."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    return serve.status().applications[APP_NAME].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
 def wait_until(predicate, timeout: float, step: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,6 +102,8 @@ def test_replica_killed_mid_stream(platform, client):
     # Ray Serve replaces the replica; the SDK's own retries carry a request through
     assert wait_until(lambda: replicas("model-demo-chat-b") and replicas("model-demo-chat-b")[0]["Name"] != victim[0]["Name"],
                       timeout=240)
+    # the replacement actor exists at once; loading its engine takes 20-60 s here, past the SDK's retries
+    assert wait_until(lambda: _running("model-demo-chat-b") == 1, timeout=240)
     patient = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=8, timeout=120, default_headers=NO_CACHE)
     again = patient.chat.completions.create(model="demo-chat-b", messages=[{"role": "user", "content": "back?"}],
                                             max_tokens=4)
