@@ -129,10 +129,20 @@ class FakeEngine:
         chat = route == "chat"
         base = {"id": f"fake-{request_id}", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": request["model"]}
-        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        options = request.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        prompt_tokens = usage["prompt_tokens"]
+
+        def running(tokens: int) -> dict[str, Any]:  # vLLM's continuous_usage_stats, on every choice chunk
+            if not (include_usage and options.get("continuous_usage_stats")):
+                return {}
+            return {"usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + tokens,
+                              "completion_tokens": tokens}}
+
         await asyncio.sleep(self.ttft_s)
         if chat:
-            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}], **running(0)})
         for i, word in enumerate(words):
             if i:
                 await asyncio.sleep(self.itl_s)
@@ -144,7 +154,7 @@ class FakeEngine:
             last = i == len(words) - 1
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             choice["finish_reason"] = finish if last else None
-            yield _sse({**base, "choices": [choice]})
+            yield _sse({**base, "choices": [choice], **running(i + 1)})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"

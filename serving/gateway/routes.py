@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -80,12 +82,16 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
                 return EventStream(watch.replayed(replay(entry, route, include_usage)), headers=headers)
             return Response(entry, media_type="application/json", headers=headers)
     watch.cache_result(headers["x-cache"])
-    if stream and not include_usage:
-        # usage is needed for token limits and accounting; the extra chunk is taken out again
-        payload["stream_options"] = {**(options or {}), "include_usage": True}
+    shows = Shown()
+    if stream:
+        # usage is needed for token limits and accounting, also of a stream the client cuts short: vLLM's
+        # running usage gives its prompt tokens from the first chunk on. What the client did not ask for
+        # is taken out again.
+        shows = Shown(usage=include_usage, running=include_usage and bool(options.get("continuous_usage_stats")),
+                      per_prompt=None if route == "chat" else _choices_per_prompt(payload))
+        payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
         body = json.dumps(payload).encode()
-    tap = Accounting(svc, principal, name, route, watch, strip_usage=stream and not include_usage,
-                     cache_key=key if write else None)
+    tap = Accounting(svc, principal, name, route, watch, shows=shows, cache_key=key if write else None)
     timeout_s = svc.config.gateway.request_timeout_s
     deadline = asyncio.get_running_loop().time() + timeout_s
     work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
@@ -180,17 +186,35 @@ class Watch:
             self.metrics.itl.observe((self.last - self.first) / (tokens - 1), {"model": self.model, "route": self.route})
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What of a stream's usage the client asked for: vLLM's closing usage chunk (`include_usage`), its
+    running usage on every chunk (`continuous_usage_stats`). per_prompt: choices per prompt of a
+    completions request (`n`; their index is prompt * n + choice), None for chat (one prompt)."""
+
+    usage: bool = True
+    running: bool = True
+    per_prompt: int | None = None
+
+
+_USAGE = ',"usage":{'
+_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
+_DECODER = json.JSONDecoder()
+
+
 class Accounting:
     """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
 
     def __init__(self, svc: Services, principal: Principal, model: str, route: Route, watch: Watch, *,
-                 strip_usage: bool, cache_key: str | None):
+                 shows: Shown, cache_key: str | None):
         self.svc, self.principal, self.model, self.watch = svc, principal, model, watch
-        self.strip_usage = strip_usage
+        self.shows = shows
         self.cache_key = cache_key
         self.assembler = StreamAssembler(route) if cache_key else None
         self.usage: dict[str, Any] | None = None
         self.events = 0  # streamed events with output, to count tokens of a stream cut before its usage chunk
+        self.prompts: dict[int, int] = {}  # prompt -> its tokens, from a stream's running usage
+        self.completions: dict[int, int] = {}  # choice index -> tokens so far, from the running usage
 
     def body(self, status: int, body: bytes) -> None:
         if status != 200:
@@ -206,29 +230,46 @@ class Accounting:
         self.events += chunk.count('"choices":[{')
         if self.assembler is not None:
             self.assembler.feed(chunk)
-        if '"usage"' not in chunk:  # cheap test on every chunk; only the usage chunk has the field
+        if _USAGE not in chunk:  # cheap test on every chunk
             return chunk
-        kept = []
-        for event in chunk.split("\n\n"):
-            if event.startswith("data: {") and '"usage"' in event:
-                data = json.loads(event[6:])
-                if not data.get("choices") and data.get("usage"):
-                    self.usage = data["usage"]
-                    if self.strip_usage:
-                        continue
-            kept.append(event)
-        return "\n\n".join(kept)
+        return "\n\n".join(event for event in map(self._take_usage, chunk.split("\n\n")) if event is not None)
+
+    def _take_usage(self, event: str) -> str | None:
+        """Notes the usage an event carries; returns the event as the client asked for it (None: not at all)."""
+        at = event.find(_USAGE)
+        if at < 0 or not event.startswith("data: {"):
+            return event
+        try:
+            usage, end = _DECODER.raw_decode(event, at + len(_USAGE) - 1)
+        except ValueError:
+            return event
+        if '"choices":[]' in event[:at]:  # vLLM's usage chunk, after the last choice chunk
+            self.usage = usage
+            return event if self.shows.usage else None
+        found = _INDEX.search(event, 0, at)
+        index = int(found.group(1)) if found else 0
+        prompt = 0 if self.shows.per_prompt is None else index // self.shows.per_prompt
+        self.prompts.setdefault(prompt, int(usage.get("prompt_tokens") or 0))
+        self.completions[index] = int(usage.get("completion_tokens") or 0)
+        return event if self.shows.running else event[:at] + event[end:]
 
     def end(self) -> None:
-        if self.usage is None and self.events:
-            # the stream ended before vLLM's usage chunk (client gone, engine failure): count at least one
-            # token per event sent, so hanging up early does not escape the token limit
-            self.usage = {"prompt_tokens": 0, "completion_tokens": self.events}
+        if self.usage is None and (self.events or self.prompts):
+            # the stream ended before vLLM's usage chunk (client gone, engine failure): count what the running
+            # usage said so far, or one token per event sent, so that hanging up early escapes no token limit
+            completion = sum(self.completions.values()) if self.completions else self.events
+            prompt = sum(self.prompts.values())
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         self.watch.finish(200, self.usage)
         self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
         result = self.assembler.result() if self.assembler is not None else None
         if result is not None and self.cache_key:
             self.svc.spawn(self.svc.cache.put(self.cache_key, json.dumps(result, separators=(",", ":")).encode()))
+
+
+def _choices_per_prompt(payload: dict[str, Any]) -> int:
+    n = payload.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 async def read_body(request: Request, limit: int) -> bytes:

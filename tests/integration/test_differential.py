@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import NO_CACHE
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -69,6 +71,38 @@ def test_streamed_chat_same_text_finish_and_usage(client, plain_vllm):
 
     ours, theirs = streamed(client), streamed(plain_vllm)
     assert ours[0] and ours == theirs
+
+
+@pytest.mark.parametrize("stream_options", [None, {"include_usage": True},
+                                            {"include_usage": True, "continuous_usage_stats": True}])
+def test_streamed_usage_is_what_the_client_asked_for(client, plain_vllm, stream_options):
+    """The gateway always asks vLLM for a stream's usage, running and final (token limits must hold for a
+    stream cut short too); the client gets the usage it asked for, as from plain vLLM."""
+    body = dict(model="demo-chat", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0,
+                stream=True, **({"stream_options": stream_options} if stream_options else {}))
+
+    def events(api):
+        with httpx.stream("POST", f"{api.base_url}chat/completions", json=body, timeout=120,
+                          headers={"authorization": f"Bearer {api.api_key}", **NO_CACHE}) as response:
+            assert response.status_code == 200
+            return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+    ours, theirs = events(client), events(plain_vllm)
+    for got in (ours, theirs):  # chunk boundaries may differ (vLLM merges deltas when its reader lags)
+        with_usage = [e.get("usage") is not None for e in got]
+        if stream_options is None:
+            assert not any(with_usage) and all(e["choices"] for e in got)
+        elif "continuous_usage_stats" in stream_options:
+            assert all(with_usage) and got[-1]["choices"] == []
+        else:
+            assert with_usage == [False] * (len(got) - 1) + [True] and got[-1]["choices"] == []
+    assert ours[-1].get("usage") == theirs[-1].get("usage")
+    assert {u["prompt_tokens"] for u in (e.get("usage") for e in ours) if u} == \
+        {u["prompt_tokens"] for u in (e.get("usage") for e in theirs) if u}
+    # the choice chunks have vLLM's fields (the placement of system_fingerprint aside)
+    ours_fields, theirs_fields = ({frozenset(e) - {"system_fingerprint"} for e in got if e["choices"]}
+                                  for got in (ours, theirs))
+    assert ours_fields == theirs_fields
 
 
 def test_completions_same_text_and_tokens(client, plain_vllm):

@@ -71,6 +71,43 @@ async def test_rate_limit_holds_across_gateway_replicas(platform, redis_server):
     assert counts["requests"] == n and counts["prompt_tokens"] > 0
 
 
+async def test_a_stream_cut_short_counts_its_prompt_tokens(platform, redis_server):
+    """A client that hangs up after the first tokens of a long prompt's stream still pays for the prompt:
+    the gateway takes it from vLLM's running usage, which the client did not ask for and does not see."""
+    key = await _new_key(redis_server, "cuts-short", tpm=10**6)
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "count my prompt " * 60}],
+            "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    headers = {"authorization": f"Bearer {key}", **NO_CACHE}
+    async with httpx.AsyncClient(base_url=platform, timeout=60, headers=headers) as http:
+        received = 0
+        async with http.stream("POST", "/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    assert '"usage"' not in line
+                    received += 1
+                    if received == 4:
+                        break  # leaving the block closes the connection: the client hangs up
+        whole = await http.post("/chat/completions", json={**body, "stream": False, "max_tokens": 1})
+    assert whole.status_code == 200
+    prompt = whole.json()["usage"]["prompt_tokens"]
+    assert prompt > 100
+    store = _store(redis_server)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            counts = next(iter((await store.usage_get(digest(key))).values()), {}).get("demo-chat", {})
+            if counts.get("requests") == 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    assert counts["requests"] == 2
+    assert counts["prompt_tokens"] == 2 * prompt  # the cut stream's prompt is counted, as the whole request's
+    # the cut stream's tokens: what the client got (the role chunk and 3 or more tokens), not its 1,500
+    assert 3 <= counts["completion_tokens"] - 1 < 1000
+
+
 def test_streamed_request_replays_the_cached_answer(platform):
     client = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0)
     args = dict(model="demo-chat", messages=[{"role": "user", "content": f"cache me {time.time()}"}],

@@ -172,6 +172,7 @@ async def test_stream_with_include_usage_keeps_its_usage_and_counts_once(gateway
         **chat_body(stream=True, temperature=0.5, stream_options={"include_usage": True}))]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert chunks[-1].usage.prompt_tokens == PROMPT_TOKENS
+    assert all(c.usage is None for c in chunks[:-1])  # the running usage the gateway asked for is taken out
     await settle(app)
     assert window_tokens(redis_client, key) == PROMPT_TOKENS + 6
 
@@ -186,11 +187,29 @@ async def test_tokens_of_a_stream_the_client_hung_up_on_are_counted(gateway, red
     assert sent[0]["status"] == 200
     assert await wait_for(lambda: len(tiny.aborted) == 1)
     await settle(app)
-    usage = await raw_store(app).usage_get(digest(key))
-    assert list(usage.values())[0]["tiny"]["requests"] == 1  # the request itself is recorded...
-    # ...and what it cost: at least one token per event the client received (the prompt tokens of a
-    # stream cut before vLLM's usage chunk are not known to the gateway)
-    assert window_tokens(redis_client, key) >= 5
+    counts = list((await raw_store(app).usage_get(digest(key))).values())[0]["tiny"]
+    assert counts["requests"] == 1  # the request itself is recorded, and what it cost: its prompt (from the
+    # engine's running usage, which the client never sees) and the tokens it got (5, and perhaps the one
+    # whose sending failed)
+    assert counts["prompt_tokens"] == PROMPT_TOKENS
+    assert 5 <= counts["completion_tokens"] <= 6
+    assert window_tokens(redis_client, key) == PROMPT_TOKENS + counts["completion_tokens"]
+    sent_text = b"".join(m.get("body", b"") for m in sent[1:])
+    assert sent_text.count(b'"choices":[{') >= 5 and b'"usage"' not in sent_text
+
+
+async def test_running_usage_the_client_asked_for_is_kept_and_counted_once(gateway, redis_client) -> None:
+    app = gateway(auth={"enabled": True})
+    key, _ = await create_key(raw_store(app), "streamer", tpm=1000)
+    sdk = sdk_for(app, key)
+    chunks = [c async for c in await sdk.chat.completions.create(
+        **chat_body(stream=True, temperature=0.5,
+                    stream_options={"include_usage": True, "continuous_usage_stats": True}))]
+    # role chunk, 6 tokens, then the usage chunk: every choice chunk carries the usage so far
+    assert [c.usage.completion_tokens for c in chunks] == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert {c.usage.prompt_tokens for c in chunks} == {PROMPT_TOKENS} and chunks[-1].choices == []
+    await settle(app)
+    assert window_tokens(redis_client, key) == PROMPT_TOKENS + 6
 
 
 async def test_streamed_completions_are_counted(gateway, redis_client) -> None:

@@ -768,3 +768,88 @@ async def test_openapi_schema_lists_the_api(client: httpx.AsyncClient) -> None:
         schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["allOf"][1]["required"] == ["model"]  # vLLM's own request schema, plus `model` required
     assert "get" in paths["/v1/models"] and "get" in paths["/ready"]
+
+
+# ------------------------------------------------------------------- usage of streams cut short
+
+# what vLLM 0.32 streams with stream_options {include_usage, continuous_usage_stats} (captured from
+# plain vLLM on the demo model; ids shortened): chat with n=2, and completions of two prompts
+_CHAT_N2 = [
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',  # noqa: E501
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',  # noqa: E501
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',  # noqa: E501
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"et"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":23,"completion_tokens":2,"completion_tokens_details":null}}',  # noqa: E501
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',  # noqa: E501
+]
+_COMPLETIONS_2 = [
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":1,"text":"W","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1}}',  # noqa: E501
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"H","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":9,"completion_tokens":1}}',  # noqa: E501
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"it","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":10,"completion_tokens":2}}',  # noqa: E501
+]
+_FINAL = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":21,"total_tokens":27,"completion_tokens":6},"system_fingerprint":"vllm-0.32.0"}'  # noqa: E501
+
+
+def _accounting(route: str, shows) -> tuple[Any, list]:
+    from types import SimpleNamespace
+
+    from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
+    from serving.gateway.routes import Accounting, Watch
+
+    recorded: list = []
+
+    async def record(principal, model, usage, *, cached):
+        recorded.append(usage)
+
+    metrics = GatewayMetrics(PrometheusBackend())
+    svc = SimpleNamespace(metrics=metrics, limiter=SimpleNamespace(record=record),
+                          spawn=lambda coro: asyncio.get_running_loop().create_task(coro))
+    return Accounting(svc, None, "m", route, Watch(metrics, route), shows=shows, cache_key=None), recorded
+
+
+def _sent(tap, events: list[str], per_chunk: int = 1) -> list[dict]:
+    """Feed vLLM's events to the tap (`per_chunk` of them joined, as the relay batches them); what the client gets."""
+    out = []
+    for i in range(0, len(events), per_chunk):
+        chunk = tap.chunk("".join(f"data: {e}\n\n" for e in events[i:i + per_chunk]))
+        assert chunk == "" or (chunk.startswith("data: {") and chunk.endswith("}\n\n"))  # SSE framing kept
+        out.extend(json.loads(event[len("data: "):]) for event in chunk.split("\n\n") if event)
+    return out
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2])
+async def test_a_cut_chat_stream_counts_its_prompt_once_and_the_tokens_of_each_choice(per_chunk) -> None:
+    from serving.gateway.routes import Shown
+
+    tap, recorded = _accounting("chat", Shown(usage=False, running=False, per_prompt=None))
+    sent = _sent(tap, _CHAT_N2, per_chunk)
+    # the client asked for no usage: the events are vLLM's without continuous_usage_stats
+    assert sent == [{k: v for k, v in json.loads(e).items() if k != "usage"} for e in _CHAT_N2]
+    tap.end()  # the client hung up before vLLM's usage chunk
+    await asyncio.sleep(0)
+    # one prompt for both choices; choice 0 got 2 tokens, choice 1 one
+    assert recorded == [{"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24}]
+
+
+async def test_a_cut_completions_stream_counts_every_prompt() -> None:
+    from serving.gateway.routes import Shown
+
+    tap, recorded = _accounting("completion", Shown(usage=True, running=False, per_prompt=1))
+    sent = _sent(tap, _COMPLETIONS_2)
+    assert [e["choices"][0]["text"] for e in sent] == ["W", "H", "it"] and all("usage" not in e for e in sent)
+    tap.end()
+    await asyncio.sleep(0)
+    assert recorded == [{"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}]
+
+
+async def test_a_whole_stream_counts_vllms_usage_chunk_and_shows_what_was_asked() -> None:
+    from serving.gateway.routes import Shown
+
+    for shows, usage_events in ((Shown(usage=True, running=True), len(_CHAT_N2) + 1),
+                                (Shown(usage=True, running=False), 1), (Shown(usage=False, running=False), 0)):
+        tap, recorded = _accounting("chat", shows)
+        sent = _sent(tap, [*_CHAT_N2, _FINAL], per_chunk=3)
+        assert sum("usage" in e for e in sent) == usage_events
+        assert len(sent) == len(_CHAT_N2) + (1 if shows.usage else 0)
+        tap.end()
+        await asyncio.sleep(0)
+        assert recorded == [json.loads(_FINAL)["usage"]]
