@@ -243,7 +243,7 @@ class Accounting:
             usage, end = _DECODER.raw_decode(event, at + len(_USAGE) - 1)
         except ValueError:
             return event
-        if '"choices":[]' in event[:at]:  # vLLM's usage chunk, after the last choice chunk
+        if event.find('"choices":[]', 0, at) >= 0:  # vLLM's usage chunk, after the last choice chunk
             self.usage = usage
             return event if self.shows.usage else None
         found = _INDEX.search(event, 0, at)
