@@ -225,7 +225,7 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build_app, logical_cpus_needed
+    from serving.app import deploy, logical_cpus_needed
 
     import serving.cli
 
@@ -238,8 +238,7 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
              namespace="serving-bench")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build_app(config, engine="fake", fake_options={"ttft_s": args.ttft, "itl_s": args.itl}),
-                  name=APP_NAME, route_prefix="/", blocking=False)
+        deploy(config, engine="fake", fake_options={"ttft_s": args.ttft, "itl_s": args.itl})
         print(f"ready: http://127.0.0.1:{args.port}/v1", flush=True)
         while not stop:
             time.sleep(0.5)

@@ -17,7 +17,11 @@ from serving.config import ConfigError, ServingConfig, dump_config, load_config
 # replicas, direct ingress) with HAProxy on the gateway port forwarding straight to the gateway
 # replicas: about twice the streamed throughput of Ray's defaults (docs/benchmarks.md). Set either
 # variable to 0 in the environment to go back to Ray's default.
-RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# A replaced gateway replica stays reachable this long while HAProxy takes it out of its backends,
+# then finishes its streams (serving.app.gateway_deployment_options). Ray's default, 30 s, is made
+# for load balancers in front of many nodes; the local HAProxy drops a replica within a second.
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,33 +129,33 @@ def _up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build_app, logical_cpus_needed
+    from serving.app import deploy, logical_cpus_needed
 
     if args.address:
         ray.init(address=args.address, namespace="serving")
     else:
+        from serving.leftovers import clear_leftovers, platform_ports
+
+        # an HAProxy left by a platform that was killed hard would hold the ports (a live one is an error)
+        for line in clear_leftovers(platform_ports(config)):
+            print(line, flush=True)
         ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)),
                  include_dashboard=False, namespace="serving", _metrics_export_port=config.gateway.metrics_port)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-        host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
-        print(f"\nReady in {time.monotonic() - started:.0f}s. OpenAI base URL: http://{host}:{config.gateway.port}/v1")
-        for model in config.models:
-            adapters = f" (LoRA adapters: {', '.join(model.lora_adapters)})" if model.lora_adapters else ""
-            print(f"  model {model.name} [{model.kind}]{adapters}")
-        if not args.address:
-            print(f"  Prometheus scrape target (this node): http://{host}:{config.gateway.metrics_port}/metrics"
-                  " (relabelling: deploy/prometheus/prometheus.yml)")
-        if not config.auth.enabled:
-            print("  API keys are OFF: anyone who reaches this port can use every model.")
-        store = f"Redis at {config.redis.url}" if config.redis.url else "in-process store (no Redis configured)"
-        print(f"  cache, keys, limits and usage: {store}")
-        print("Ctrl-C to stop.", flush=True)
+        deploy(config)
+        _print_ready(config, args, started)
+        watched = _mtime(args.config)
         while not stop.wait(1):
-            pass
+            if args.config is not None and _mtime(args.config) != watched:
+                watched = _mtime(args.config)
+                reload.set()
+            if reload.is_set():
+                reload.clear()
+                config = _apply(args, config)
     except KeyboardInterrupt:
         pass
     finally:
@@ -161,6 +165,60 @@ def _up(args: argparse.Namespace) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+def _print_ready(config: ServingConfig, args: argparse.Namespace, started: float) -> None:
+    host = "127.0.0.1" if config.gateway.host in ("0.0.0.0", "::") else config.gateway.host
+    print(f"\nReady in {time.monotonic() - started:.0f}s. OpenAI base URL: http://{host}:{config.gateway.port}/v1")
+    for model in config.models:
+        adapters = f" (LoRA adapters: {', '.join(model.lora_adapters)})" if model.lora_adapters else ""
+        print(f"  model {model.name} [{model.kind}]{adapters}")
+    if not args.address:
+        print(f"  Prometheus scrape target (this node): http://{host}:{config.gateway.metrics_port}/metrics"
+              " (relabelling: deploy/prometheus/prometheus.yml)")
+    if not config.auth.enabled:
+        print("  API keys are OFF: anyone who reaches this port can use every model.")
+    store = f"Redis at {config.redis.url}" if config.redis.url else "in-process store (no Redis configured)"
+    print(f"  cache, keys, limits and usage: {store}")
+    if args.config is not None:
+        print(f"  watching {args.config}: a saved change is applied to the running platform (or send SIGHUP)")
+    print("Ctrl-C to stop.", flush=True)
+
+
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime if path is not None else None
+    except OSError:
+        return None
+
+
+def _apply(args: argparse.Namespace, running: ServingConfig) -> ServingConfig:
+    """Re-read the configuration and deploy what changed; the running configuration if it cannot be.
+
+    Only the changed applications restart (serving.app.rollout_plan says which); an invalid file
+    changes nothing. The HTTP address is Ray Serve's, fixed while it runs: changing it needs a restart."""
+    from serving.app import deploy, rollout_plan
+
+    try:
+        config = _load(args) if args.config is not None else running
+    except ConfigError as exc:
+        print(f"configuration not applied, the platform runs on unchanged:\n{exc}", file=sys.stderr, flush=True)
+        return running
+    fixed = [f"gateway.{k}" for k in ("host", "port", "metrics_port")
+             if getattr(config.gateway, k) != getattr(running.gateway, k)]
+    if fixed:
+        print(f"configuration not applied: {', '.join(fixed)} change only with a restart of `serving up`",
+              file=sys.stderr, flush=True)
+        return running
+    plan = rollout_plan(running, config)
+    if not plan:
+        print("configuration reloaded: nothing changed", flush=True)
+        return config
+    print("applying the configuration:\n  " + "\n  ".join(plan), flush=True)
+    started = time.monotonic()
+    deploy(config)
+    print(f"configuration applied in {time.monotonic() - started:.0f}s", flush=True)
+    return config
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import contextvars
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -134,9 +134,17 @@ class ModelConfig(_Strict):
         """The model names this deployment answers: its own and its adapters'."""
         return [self.name, *self.lora_adapters]
 
+    # a model's Ray Serve application and its one deployment share this name (serving.app)
+    APP_PREFIX: ClassVar[str] = "model-"
+
     @property
     def deployment_name(self) -> str:
-        return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
+        return self.APP_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
+
+    @property
+    def app_name(self) -> str:
+        """The model's own Ray Serve application (the same name as its deployment)."""
+        return self.deployment_name
 
     @property
     def scales_to_zero(self) -> bool:
@@ -166,6 +174,11 @@ class GatewayConfig(_Strict):
     metrics_port: int = Field(
         8080, ge=1, le=65535,
         description="Per-node Prometheus endpoint (Ray's metrics agent) that `serving up` starts Ray with.",
+    )
+    shutdown_grace_s: float = Field(
+        60.0, ge=0,
+        description="Seconds a gateway replica being replaced (rollout, scale-down) may take to finish the "
+        "streams it carries, after HAProxy has stopped sending it new ones; what is still open then is cut.",
     )
     direct_streams: bool = Field(
         True,
@@ -264,6 +277,13 @@ class ServingConfig(BaseSettings):
                 if name in seen:
                     raise ValueError(f"model name {name!r} is used twice: {seen[name]} and {where}")
                 seen[name] = where
+        apps: dict[str, int] = {}
+        for i, model in enumerate(self.models):
+            if model.app_name in apps:
+                raise ValueError(f"models[{i}] ({model.name}): its Ray Serve application and deployment name "
+                                 f"{model.app_name} is also models[{apps[model.app_name]}]'s (names differ only in "
+                                 "characters outside [A-Za-z0-9_-]): rename one")
+            apps[model.app_name] = i
         for i, key in enumerate(self.auth.keys):
             unknown = [m for m in key.models or [] if m not in seen]
             if unknown:

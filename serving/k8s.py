@@ -2,25 +2,29 @@
 
 Three sources, all through the Kubernetes API server (one kubeconfig, nothing else to reach):
 - the RayService custom object (ray.io/v1): KubeRay's view, i.e. whether it serves traffic, an
-  upgrade in progress, each Serve deployment's status, and serveConfigV2 (which names the models);
+  upgrade in progress, each Serve application's and deployment's status, and serveConfigV2: the
+  gateways' application (serving.app:gateway_builder) and one application per model
+  (serving.app:model_builder, named like its one deployment, `model-<name>`);
 - the Ray pods of its clusters: how many are Ready per group, and why the others are not;
-- Ray Serve's REST API on the head, through the API server's service proxy: each deployment's
-  replicas and their states. Optional: without RBAC for services/proxy (or when a NetworkPolicy
-  keeps the API server out) the report says so and shows target counts from the spec instead.
+- Ray Serve's REST API on the head, through the API server's service proxy: each application's
+  deployments, their replicas and the replicas' states. Optional: without RBAC for services/proxy
+  (or when a NetworkPolicy keeps the API server out) the report says so and shows target counts
+  from the spec instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 import yaml
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
-IMPORT_PATH = "serving.app:app_builder"
+# serving.app's entry points (not imported from there: that would import Ray Serve and the engines)
+GATEWAY_IMPORT_PATH = "serving.app:gateway_builder"
+MODEL_IMPORT_PATH = "serving.app:model_builder"
 GATEWAY_DEPLOYMENT = "gateway"
 
 
@@ -87,10 +91,10 @@ def collect_status(api_client, namespace: str, name: str | None = None) -> dict[
     name = rayservice["metadata"]["name"]
     st = rayservice.get("status") or {}
     conditions = {c["type"]: c for c in st.get("conditions", [])}
-    app_name, app_args = _app_of(rayservice)
+    apps = _apps_of(rayservice)
     active, pending = st.get("activeServiceStatus") or {}, st.get("pendingServiceStatus") or {}
     serve, serve_error = _serve_details(client.CoreV1Api(api_client), namespace, name)
-    deployments = _deployments(app_name, app_args, active, serve)
+    deployments = _deployments(apps, active, serve)
     ready_condition = conditions.get("Ready", {})
     service_ready = ready_condition.get("status") == "True" if ready_condition else st.get("serviceStatus") == "Running"
     return {
@@ -101,9 +105,9 @@ def collect_status(api_client, namespace: str, name: str | None = None) -> dict[
         "serving": service_ready,
         "serve_endpoints": st.get("numServeEndpoints", 0),
         "upgrade_in_progress": conditions.get("UpgradeInProgress", {}).get("status") == "True" or bool(pending),
-        "application": {"name": app_name, **_app_status(app_name, active)},
+        "applications": _app_statuses(apps, active),
         "clusters": [c for c in (_cluster(api_client, namespace, active, "active"),
-                                 _cluster(api_client, namespace, pending, "pending", app_name)) if c],
+                                 _cluster(api_client, namespace, pending, "pending", apps)) if c],
         "deployments": deployments,
         "replicas_source": "ray-serve" if serve else f"spec (Ray Serve API unavailable: {serve_error})",
     }
@@ -113,29 +117,27 @@ def _find_rayservice(custom, namespace: str, name: str | None) -> dict[str, Any]
     if name:
         return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    ours = [i for i in items if IMPORT_PATH in (i.get("spec", {}).get("serveConfigV2") or "")]
+    ours = [i for i in items if GATEWAY_IMPORT_PATH in (i.get("spec", {}).get("serveConfigV2") or "")]
     if len(ours) == 1:
         return ours[0]
     names = ", ".join(i["metadata"]["name"] for i in ours) or "none"
     raise LookupError(f"{len(ours)} serving RayServices in namespace {namespace} ({names}): pass --name")
 
 
-def _app_of(rayservice: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The application running serving.app and its args (serveConfigV2: the configuration model)."""
+def _apps_of(rayservice: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """The platform's applications in serveConfigV2, the gateways' first: (application name, model
+    name or None for the gateways, args). A model's application is named like its one deployment."""
     config = yaml.safe_load(rayservice.get("spec", {}).get("serveConfigV2") or "{}") or {}
-    for app in config.get("applications", []):
-        if app.get("import_path") == IMPORT_PATH:
-            return app.get("name", "serving"), app.get("args") or {}
-    raise LookupError(f"RayService {rayservice['metadata']['name']} runs no {IMPORT_PATH} application")
-
-
-def _deployment_name(model: dict[str, Any]) -> str:
-    from serving.config import ModelConfig
-
-    try:
-        return ModelConfig.model_validate(model).deployment_name
-    except ValueError:  # a model the installed package would reject: name it the same way anyway
-        return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", str(model.get("name")))
+    gateways, models = [], []
+    for app in config.get("applications") or []:
+        args = app.get("args") or {}
+        if app.get("import_path") == GATEWAY_IMPORT_PATH:
+            gateways.append((app.get("name", "serving"), None, args))
+        elif app.get("import_path") == MODEL_IMPORT_PATH:
+            models.append((app.get("name", ""), str(args.get("name")), args))
+    if not gateways:
+        raise LookupError(f"RayService {rayservice['metadata']['name']} runs no {GATEWAY_IMPORT_PATH} application")
+    return gateways[:1] + models
 
 
 def _target(model: dict[str, Any]) -> str:
@@ -150,15 +152,24 @@ def _app_status(app_name: str, service_status: dict[str, Any]) -> dict[str, str]
     return {"status": app.get("status", "UNKNOWN"), "message": app.get("message", "")}
 
 
-def _deployments(app_name: str, args: dict[str, Any], active: dict[str, Any],
+def _app_statuses(apps: list[tuple[str, str | None, dict[str, Any]]],
+                  service_status: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": name, **_app_status(name, service_status)} for name, _, _ in apps]
+
+
+def _deployments(apps: list[tuple[str, str | None, dict[str, Any]]], active: dict[str, Any],
                  serve: dict[str, Any] | None) -> list[dict[str, Any]]:
-    kuberay = ((active.get("applicationStatuses") or {}).get(app_name) or {}).get("serveDeploymentStatuses") or {}
-    live = (((serve or {}).get("applications") or {}).get(app_name) or {}).get("deployments") or {}
-    gateway = {"replicas": (args.get("gateway") or {}).get("replicas", 1)}
-    rows = [(GATEWAY_DEPLOYMENT, "(gateway)", [], gateway)] + [
-        (_deployment_name(m), m.get("name"), list((m.get("lora_adapters") or {})), m) for m in args.get("models", [])]
+    """One row per deployment: the gateways', then each model's (read from its own application)."""
+    kuberay_apps = active.get("applicationStatuses") or {}
+    live_apps = (serve or {}).get("applications") or {}
+    (gateway_app, _, gateway_args), *model_apps = apps
+    gateway = {"replicas": (gateway_args.get("gateway") or {}).get("replicas", 1)}
+    rows = [(gateway_app, GATEWAY_DEPLOYMENT, "(gateway)", [], gateway)] + [
+        (app, app, model, list(args.get("lora_adapters") or {}), args) for app, model, args in model_apps]
     out = []
-    for deployment, model, adapters, spec in rows:
+    for app, deployment, model, adapters, spec in rows:
+        kuberay = (kuberay_apps.get(app) or {}).get("serveDeploymentStatuses") or {}
+        live = (live_apps.get(app) or {}).get("deployments") or {}
         details = live.get(deployment) or {}
         status = details.get("status") or (kuberay.get(deployment) or {}).get("status") or "UNKNOWN"
         message = details.get("message") or (kuberay.get(deployment) or {}).get("message") or ""
@@ -169,7 +180,8 @@ def _deployments(app_name: str, args: dict[str, Any], active: dict[str, Any],
         running = states.get("RUNNING", 0)
         target = details.get("target_num_replicas")
         out.append({
-            "model": model, "deployment": deployment, "adapters": adapters, "status": status, "message": message,
+            "model": model, "application": app, "deployment": deployment, "adapters": adapters,
+            "status": status, "message": message,
             "replicas_running": running if replicas is not None else None,
             "replicas_target": target if target is not None else (_target(spec) if spec else None),
             "replica_states": states,
@@ -201,7 +213,7 @@ def _serve_details(core, namespace: str, name: str) -> tuple[dict[str, Any] | No
 
 
 def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: str,
-             app_name: str | None = None) -> dict[str, Any] | None:
+             apps: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
     from kubernetes import client
 
     cluster = service_status.get("rayClusterName")
@@ -221,8 +233,8 @@ def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: s
             reason = why.message if why is not None and why.status == "False" else pod.status.phase
             entry["waiting"].append(f"{pod.metadata.name}: {reason}")
     out = {"name": cluster, "role": role, "pods": groups}
-    if app_name:
-        out["application"] = _app_status(app_name, service_status)
+    if apps:
+        out["applications"] = _app_statuses(apps, service_status)
     return out
 
 
@@ -234,12 +246,13 @@ def render_text(status: dict[str, Any]) -> str:
         lines.append("  upgrade in progress: traffic stays on the active cluster until the new one is ready")
     for cluster in status["clusters"]:
         pods = ", ".join(f"{g} {p['ready']}/{p['total']} ready" for g, p in sorted(cluster["pods"].items())) or "no pods"
-        app = f"; application {cluster['application']['status']}" if "application" in cluster else ""
-        lines.append(f"  cluster {cluster['name']} ({cluster['role']}): {pods}{app}")
+        apps = f"; applications {_app_summary(cluster['applications'])}" if "applications" in cluster else ""
+        lines.append(f"  cluster {cluster['name']} ({cluster['role']}): {pods}{apps}")
         for group in cluster["pods"].values():
             lines += [f"    waiting: {w}" for w in group["waiting"]]
-    app = status["application"]
-    lines.append(f"application {app['name']}: {app['status']}" + (f" - {app['message']}" if app["message"] else ""))
+    lines.append(f"applications: {_app_summary(status['applications'])}")
+    lines += [f"  application {a['name']}: {a['status']} - {a['message']}"
+              for a in status["applications"] if a["message"] and a["status"] != "RUNNING"]
     rows = [("MODEL", "DEPLOYMENT", "STATUS", "REPLICAS", "READY")]
     for d in status["deployments"]:
         running = "?" if d["replicas_running"] is None else d["replicas_running"]
@@ -256,3 +269,10 @@ def render_text(status: dict[str, Any]) -> str:
             lines.append(f"  {d['deployment']}: {d['message']}")
     lines.append(f"replicas from {status['replicas_source']}")
     return "\n".join(lines)
+
+
+def _app_summary(apps: list[dict[str, str]]) -> str:
+    """`3/3 RUNNING`, or which are not: `2/3 RUNNING (model-x DEPLOYING)`."""
+    others = [f"{a['name']} {a['status']}" for a in apps if a["status"] != "RUNNING"]
+    running = len(apps) - len(others)
+    return f"{running}/{len(apps)} RUNNING" + (f" ({', '.join(others)})" if others else "")

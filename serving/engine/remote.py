@@ -19,7 +19,8 @@ ADMISSION_CHECK_S = 1.0
 
 
 class ReplicaCounter:
-    """Running replicas per deployment, from Ray Serve's controller.
+    """Running replicas per deployment of every application, from Ray Serve's controller (deployment
+    names are unique across the platform's applications, serving.app).
 
     Asking the replicas themselves would queue the question behind their busy requests. A view older
     than its TTL is refreshed in the background while requests go on with it (asking the controller
@@ -27,8 +28,7 @@ class ReplicaCounter:
     when there is no view yet, the view was dropped after a failed call, it would be refused (0
     running: only fresh evidence refuses), or it asks to (`wait`)."""
 
-    def __init__(self, app_name: str):
-        self.app_name = app_name
+    def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._fetched = 0.0
         self._refreshing: asyncio.Future | None = None
@@ -60,10 +60,11 @@ class ReplicaCounter:
     def _fetch(self) -> dict[str, int]:
         from ray import serve
 
-        app = serve.status().applications.get(self.app_name)
-        if app is None:
-            return {}
-        return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+        counts: dict[str, int] = {}
+        for app in serve.status().applications.values():
+            for name, deployment in app.deployments.items():
+                counts[name] = counts.get(name, 0) + deployment.replica_states.get("RUNNING", 0)
+        return counts
 
 
 class RemoteEngine:

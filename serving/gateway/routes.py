@@ -7,7 +7,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -93,6 +93,8 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         body = json.dumps(payload).encode()
     tap = Accounting(svc, principal, name, route, watch, shows=shows, cache_key=key if write else None)
     timeout_s = svc.config.gateway.request_timeout_s
+    if not stream:
+        timeout_s = min(timeout_s, client_timeout_s(request.headers) or timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
     work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
     # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
@@ -100,6 +102,25 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
     response = await (work if stream else until_disconnect(request, work))
     response.headers.update(headers)
     return response
+
+
+# The official SDKs tell the server how long they will wait for an answer (openai: the read timeout;
+# anthropic: the timeout). Behind HAProxy the gateway cannot see a non-streamed request's client hang up
+# (docs/security.md), so a request is not worked on past the moment its SDK gives up on it (and retries).
+CLIENT_TIMEOUT_HEADERS = ("x-stainless-read-timeout", "x-stainless-timeout")
+
+
+def client_timeout_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds the client says it will wait (the first of CLIENT_TIMEOUT_HEADERS that is a positive
+    finite number), else None. It can only shorten the request's own deadline, never lengthen it."""
+    for name in CLIENT_TIMEOUT_HEADERS:
+        try:
+            value = float(headers.get(name, ""))
+        except ValueError:
+            continue
+        if 0 < value < float("inf"):
+            return value
+    return None
 
 
 CLIENT_CLOSED = 499  # nginx's "client closed request", as Ray Serve's proxy records it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,34 @@ def one(objects: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict
 
 def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def applications(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The serveConfigV2 applications by name, in their order (the gateways' first)."""
+    return {app["name"]: app for app in serve_config(rayservice)["applications"]}
+
+
+def gateway_args(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """Args of the gateways' application (`serving`): the configuration less the models' own fields."""
+    return applications(rayservice)["serving"]["args"]
+
+
+def model_args(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Args of each model's application (its values entry), in values order."""
+    return [app["args"] for name, app in applications(rayservice).items() if name != "serving"]
+
+
+def application_texts(rayservice: dict[str, Any]) -> dict[str, str]:
+    """Each application's entry in serveConfigV2 exactly as rendered (text), by name."""
+    text = rayservice["spec"]["serveConfigV2"]
+    _, found, apps = text.partition("\napplications:\n")
+    assert found, text
+    out = {}
+    for block in re.split(r"(?m)^(?=  - name: )", apps):
+        if block.strip():
+            (app,) = yaml.safe_load(block)
+            out[app["name"]] = block
+    return out
 
 
 def worker_groups(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -64,26 +64,78 @@ def platform_config(demo_dirs, redis_server):
 
 
 @pytest.fixture(scope="session")
-def platform(platform_config) -> str:
-    """Base URL (…/v1) of the running platform."""
+def dashboard_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def platform(platform_config, dashboard_port) -> str:
+    """Base URL (…/v1) of the running platform.
+
+    Deployed as KubeRay deploys the chart's serveConfigV2: the Ray Serve config
+    (`serving.app.serve_config`, which the Helm tests prove equal to the chart's rendering) PUT to
+    Serve's REST API on the dashboard. The rollout tests change it the same way."""
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build_app, logical_cpus_needed
+    from serving.app import logical_cpus_needed, serve_config
     from serving.cli import RAY_SERVE_ENV
 
-    os.environ.update(RAY_SERVE_ENV)  # test the platform as `serving up` runs it
+    os.environ.update(RAY_SERVE_ENV)  # test the platform as `serving up` and the chart run it
 
-    ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, include_dashboard=False,
+    ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              namespace="serving-tests", log_to_driver=False,
              _metrics_export_port=platform_config.gateway.metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})  # tests wait on exported metrics
+    apply_serve_config(dashboard_port, serve_config(platform_config))
     gateway = platform_config.gateway
-    serve.start(http_options={"host": gateway.host, "port": gateway.port})
-    serve.run(build_app(platform_config), name=APP_NAME, route_prefix="/")
     yield f"http://{gateway.host}:{gateway.port}/v1"
     serve.shutdown()
     ray.shutdown()
+
+
+def apply_serve_config(dashboard_port: int, config: dict, timeout_s: float = 600) -> None:
+    """PUT a Ray Serve config to Serve's REST API (what KubeRay does with serveConfigV2) and wait
+    until every application in it runs."""
+    import time
+
+    from ray import serve
+
+    from serving.raycompat import dashboard_auth_headers
+
+    response = httpx.put(f"http://127.0.0.1:{dashboard_port}/api/serve/applications/", json=config, timeout=60,
+                         headers=dashboard_auth_headers())
+    assert response.status_code == 200, response.text
+    names = {app["name"] for app in config["applications"]}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        if names <= set(apps) and all(apps[n].status == "RUNNING" for n in names):
+            return
+        failed = {n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        assert not failed, failed
+        time.sleep(1)
+    raise AssertionError(f"not running after {timeout_s:.0f}s: "
+                         f"{ {n: a.status for n, a in serve.status().applications.items()} }")
+
+
+class Deployed:
+    """The configuration the test platform runs now; `apply` changes it the KubeRay way."""
+
+    def __init__(self, config, dashboard_port: int):
+        self.config, self._port = config, dashboard_port
+
+    def apply(self, config) -> None:
+        from serving.app import serve_config
+
+        apply_serve_config(self._port, serve_config(config))
+        self.config = config
+
+
+@pytest.fixture(scope="session")
+def deployed(platform, platform_config, dashboard_port) -> Deployed:
+    return Deployed(platform_config, dashboard_port)
 
 
 @pytest.fixture(scope="session")

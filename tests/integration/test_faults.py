@@ -26,19 +26,24 @@ LONG = {"model": "demo-chat-b", "messages": [{"role": "user", "content": "go on"
 
 
 def replicas(deployment: str) -> list[dict]:
+    """The live replica actors of a deployment (each model has an application of its own)."""
     import ray._private.state as state
 
-    prefix = f"SERVE_REPLICA::serving#{deployment}#"
+    app = "serving" if deployment == "gateway" else deployment
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     return [a for a in state.actors().values() if (a.get("Name") or "").startswith(prefix) and a["State"] == "ALIVE"]
+
+
+def replica_names(deployment: str) -> set[str]:
+    return {a["Name"] for a in replicas(deployment)}
 
 
 def _running(deployment: str) -> int:
     """Running replicas as Ray Serve's controller counts them (a loading replica is not running)."""
     from ray import serve
 
-    from serving.app import APP_NAME
-
-    return serve.status().applications[APP_NAME].deployments[deployment].replica_states.get("RUNNING", 0)
+    app = serve.status().applications[deployment]
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 def wait_until(predicate, timeout: float, step: float = 0.5) -> bool:
@@ -151,38 +156,98 @@ def test_overload_is_refused_at_once_and_gateway_memory_stays_flat(platform, pla
           f"{rss_after / 2**20:.0f} MiB")
 
 
-def test_redeploy_under_load_loses_nothing(platform, platform_config):
-    from ray import serve
+class Load:
+    """Clients sending requests in threads until stopped; every answer is recorded as
+    (model, status), a stream that ended without `data: [DONE]` as status 599."""
 
-    from serving.app import APP_NAME, build_app
+    def __init__(self, platform: str, work: list[tuple[str, dict]], threads: int):
+        self.platform, self.work = platform, work
+        self.results: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    statuses: list[int] = []
-    stop = threading.Event()
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        time.sleep(2)
+        assert self.results, "no request finished before the change"
+        return self
 
-    def load():
-        with httpx.Client(base_url=platform, timeout=120, headers=AUTH) as http:
-            while not stop.is_set():
-                embed = http.post("/embeddings", json={"model": "all-minilm-l6-v2", "input": "steady"})
-                with http.stream("POST", "/chat/completions", json={**LONG, "max_tokens": 40}) as stream:
-                    text = "".join(stream.iter_text())
-                statuses.extend([embed.status_code, stream.status_code if text.endswith("data: [DONE]\n\n") else 599])
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(3)
-    changed = platform_config.model_copy(deep=True)
-    changed.models[2].replicas = 2  # the embedding model scales out; the gateways roll to the new config
-    changed.gateway.request_timeout_s = 1  # for test_request_timeout_ends_the_engine_work, which runs last
-    serve.run(build_app(changed), name=APP_NAME, route_prefix="/")
-    time.sleep(3)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert len(replicas("model-all-minilm-l6-v2")) == 2
-    failed = [s for s in statuses if s != 200]
-    print(f"\nredeploy under load: sent {len(statuses)}, succeeded {len(statuses) - len(failed)}, failed {len(failed)}")
-    assert statuses and not failed
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.platform, timeout=120, headers=AUTH) as http:
+            while not self._stop.is_set():
+                for path, body in self.work:
+                    self.results.append((body["model"], self._one(http, path, body)))
+
+    @staticmethod
+    def _one(http: httpx.Client, path: str, body: dict) -> int:
+        try:
+            if not body.get("stream"):
+                return http.post(path, json=body).status_code
+            with http.stream("POST", path, json=body) as stream:
+                text = "".join(stream.iter_text())
+            return stream.status_code if text.endswith("data: [DONE]\n\n") and '"error"' not in text else 599
+        except httpx.HTTPError:
+            return 598
+
+    def failed(self, model: str | None = None) -> list[tuple[str, int]]:
+        return [r for r in self.results if r[1] != 200 and (model is None or r[0] == model)]
+
+    def summary(self) -> str:
+        return f"sent {len(self.results)}, succeeded {len(self.results) - len(self.failed())}, failed {len(self.failed())}"
+
+
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "steady"}], "max_tokens": 40, "stream": True}
+EMBED = {"model": "all-minilm-l6-v2", "input": "steady"}
+
+
+def test_one_model_changed_restarts_that_model_alone(platform, deployed):
+    """On the KubeRay path (the Serve config PUT to Serve's REST API): demo-chat-b's engine
+    arguments change and the embedding model scales out. demo-chat-b's replica restarts; every other
+    replica actor is the same one before and after, and not one request to them fails meanwhile."""
+    before = {d: replica_names(d) for d in ("gateway", "model-demo-chat", "model-demo-chat-b",
+                                             "model-all-minilm-l6-v2")}
+    assert all(before.values()), before
+    changed = deployed.config.model_copy(deep=True)
+    changed.models[1].engine_args = {**changed.models[1].engine_args, "max_model_len": 2048}
+    changed.models[2].replicas = 2
+    started = time.monotonic()
+    with Load(platform, [("/chat/completions", CHAT), ("/embeddings", EMBED)], threads=3) as load:
+        deployed.apply(changed)
+        assert wait_until(lambda: not replica_names("model-demo-chat-b") & before["model-demo-chat-b"], 120)
+        time.sleep(2)
+    print(f"\none model changed under load ({time.monotonic() - started:.0f}s): {load.summary()}")
+    assert load.failed() == []
+    assert replica_names("gateway") == before["gateway"]
+    assert replica_names("model-demo-chat") == before["model-demo-chat"]
+    embed = replica_names("model-all-minilm-l6-v2")
+    assert len(embed) == 2 and before["model-all-minilm-l6-v2"] < embed  # scaled in place
+    assert len(replica_names("model-demo-chat-b")) == 1  # a new replica, with the new arguments
+
+
+def test_gateway_roll_under_streaming_load_cuts_no_stream(platform, deployed):
+    """A gateway-only change rolls both gateway replicas; each drains (HAProxy stops sending to it,
+    it finishes its streams) so no stream is cut and no request fails; no model replica restarts."""
+    before = {d: replica_names(d) for d in ("gateway", "model-demo-chat", "model-all-minilm-l6-v2")}
+    changed = deployed.config.model_copy(deep=True)
+    changed.gateway.max_tools -= 1
+    long_chat = {**CHAT, "max_tokens": 150}
+    started = time.monotonic()
+    with Load(platform, [("/chat/completions", long_chat), ("/embeddings", EMBED),
+                         ("/chat/completions", {**long_chat, "stream": False})], threads=4) as load:
+        deployed.apply(changed)
+        assert wait_until(lambda: not replica_names("gateway") & before["gateway"], 180), "old gateways live on"
+        time.sleep(2)
+    print(f"\ngateway roll under streaming load ({time.monotonic() - started:.0f}s): {load.summary()}")
+    assert load.failed() == []
+    assert len(replica_names("gateway")) == 2
+    assert replica_names("model-demo-chat") == before["model-demo-chat"]
+    assert replica_names("model-all-minilm-l6-v2") == before["model-all-minilm-l6-v2"]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -217,11 +282,16 @@ def test_malformed_bodies(http):
     assert form.status_code == 415
 
 
-def test_request_timeout_ends_the_engine_work(platform, platform_config):
-    """After the redeploy above the gateway's request timeout is 1 s: a longer generation is cut and aborted."""
+def test_request_timeout_ends_the_engine_work(platform, deployed):
+    """With a gateway request timeout of 1 s a longer generation is cut and aborted."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("model-demo-chat-b", app_name="serving")
+    changed = deployed.config.model_copy(deep=True)
+    changed.gateway.request_timeout_s = 1
+    gateways = replica_names("gateway")
+    deployed.apply(changed)
+    assert wait_until(lambda: not replica_names("gateway") & gateways, 180)
+    handle = serve.get_deployment_handle("model-demo-chat-b", app_name="model-demo-chat-b")
 
     def generated_by(request) -> tuple[httpx.Response, float, float]:
         before = handle.stats.remote().result()

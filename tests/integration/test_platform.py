@@ -40,11 +40,10 @@ def test_replica_counts_come_from_the_handles_router(platform, platform_config):
 
     from ray import serve
 
-    from serving.app import APP_NAME
     from serving.engine.remote import router_view
 
     async def counts() -> dict[str, int | None]:
-        handles = {m.name: serve.get_deployment_handle(m.deployment_name, APP_NAME) for m in platform_config.models}
+        handles = {m.name: serve.get_deployment_handle(m.deployment_name, m.app_name) for m in platform_config.models}
         for handle in handles.values():
             handle.options(stream=True)  # makes the router, as RemoteEngine does
         deadline = time.monotonic() + 30
@@ -162,7 +161,7 @@ def test_errors_are_openai_envelopes(client, http):
 def engine_stats(deployment: str = "model-demo-chat-b"):
     from ray import serve
 
-    handle = serve.get_deployment_handle(deployment, app_name="serving")
+    handle = serve.get_deployment_handle(deployment, app_name=deployment)
     return lambda: handle.stats.remote().result()
 
 
@@ -220,4 +219,24 @@ def test_client_leaving_a_non_streamed_request_aborts_it():
     after = stats()
     assert after["unfinished"] == 0
     assert after["finished"] == before["finished"]  # it did not end by stop or length: it was aborted
+    assert after["generation_tokens"] - before["generation_tokens"] < 900
+
+
+def test_an_sdk_that_gives_up_on_a_non_streamed_request_ends_its_engine_work(platform):
+    """Behind HAProxy (the default) the hang-up of a non-streamed request is not seen (the test above
+    goes around it); the official SDK's timeout, which it sends as a header, ends the engine work."""
+    import openai
+
+    stats = engine_stats()
+    before = stats()
+    sdk = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0, timeout=0.5, default_headers=NO_CACHE)
+    with pytest.raises(openai.APITimeoutError):
+        sdk.chat.completions.create(model="demo-chat-b", messages=HELLO, max_tokens=900, temperature=0)
+    deadline = time.monotonic() + 15
+    while stats()["unfinished"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    after = stats()
+    assert after["unfinished"] == 0
+    assert after["finished"] == before["finished"]  # it did not end by stop or length: it was cut
     assert after["generation_tokens"] - before["generation_tokens"] < 900

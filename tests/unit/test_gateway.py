@@ -853,3 +853,27 @@ async def test_a_whole_stream_counts_vllms_usage_chunk_and_shows_what_was_asked(
         tap.end()
         await asyncio.sleep(0)
         assert recorded == [json.loads(_FINAL)["usage"]]
+
+
+@pytest.mark.parametrize("header", ["x-stainless-read-timeout", "x-stainless-timeout"])
+async def test_a_non_streamed_request_ends_when_its_sdk_gives_up(header) -> None:
+    """Behind HAProxy a non-streamed request's hang-up is not seen; the SDKs' own timeout header ends
+    its engine work at the moment the SDK gives up (and would retry) instead of at max_tokens."""
+    engine = FakeEngine("tiny", ttft_s=30)
+    app = create_app(make_config(request_timeout_s=60), make_engines(tiny=engine))
+    async with client_for(app) as client:
+        started = asyncio.get_running_loop().time()
+        response = await asyncio.wait_for(client.post("/v1/chat/completions", headers={header: "0.3"},
+                                                      json={"model": "tiny", "messages": CHAT}), 10)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert_envelope(response, 504, code="timeout")
+    assert elapsed < 5
+    assert response.headers["x-request-id"] in engine.aborted and engine.in_flight == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "soon", "1e400"])
+def test_a_client_timeout_that_is_no_number_is_ignored(value) -> None:
+    from serving.gateway.routes import client_timeout_s
+
+    assert client_timeout_s({"x-stainless-read-timeout": value}) is None
+    assert client_timeout_s({"x-stainless-read-timeout": value, "x-stainless-timeout": "2.5"}) == 2.5

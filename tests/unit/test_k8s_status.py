@@ -3,8 +3,9 @@
 The fake is a real HTTP server on 127.0.0.1 answering the REST paths the official `kubernetes`
 client calls (the RayService custom object, pods, the service proxy to Ray Serve's REST API);
 the client is configured by a kubeconfig file, exactly as for a real cluster. The RayService is
-the chart's own rendering (deploy/rayservice-example.yaml) with a status shaped like KubeRay's,
-checked against KubeRay's CRD; the Serve details are checked against Ray's own schema.
+the chart's own rendering (deploy/rayservice-example.yaml: the gateways' application `serving` and
+one application per model) with a status shaped like KubeRay's, checked against KubeRay's CRD; the
+Serve details are checked against Ray's own schema.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from serving.k8s import add_status_parser, run_status
 ROOT = Path(__file__).resolve().parents[2]
 NS, NAME, TOKEN = "serving", "serving", "test-token"
 ACTIVE, PENDING = "serving-raycluster-abcde", "serving-raycluster-fghij"
+# the example's applications: the gateways', then one per model (named like its one deployment)
+GATEWAYS, CHAT, EMBED = "serving", "model-demo-chat", "model-all-minilm-l6-v2"
+APPS = (GATEWAYS, CHAT, EMBED)
 
 
 def example_rayservice() -> dict:
@@ -34,10 +38,15 @@ def example_rayservice() -> dict:
     return rayservice
 
 
-def kuberay_status(app_status="RUNNING", model_status="HEALTHY", ready=True, pending=False) -> dict:
-    deployments = {"gateway": {"status": "HEALTHY"},
-                   "model-demo-chat": {"status": model_status, "message": "" if ready else "loading weights"},
-                   "model-all-minilm-l6-v2": {"status": "HEALTHY"}}
+def kuberay_status(chat_app="RUNNING", chat_status="HEALTHY", ready=True, pending=False) -> dict:
+    """KubeRay's status: each application with its own deployments (a model's: one, named like it)."""
+    apps = {
+        GATEWAYS: {"status": "RUNNING", "serveDeploymentStatuses": {"gateway": {"status": "HEALTHY"}}},
+        CHAT: {"status": chat_app, "message": "" if chat_app == "RUNNING" else "Deploying app 'model-demo-chat'.",
+               "serveDeploymentStatuses": {
+                   CHAT: {"status": chat_status, "message": "" if chat_status == "HEALTHY" else "loading weights"}}},
+        EMBED: {"status": "RUNNING", "serveDeploymentStatuses": {EMBED: {"status": "HEALTHY"}}},
+    }
     status = {
         "serviceStatus": "Running" if ready else "",
         "numServeEndpoints": 2 if ready else 0,
@@ -49,19 +58,19 @@ def kuberay_status(app_status="RUNNING", model_status="HEALTHY", ready=True, pen
              "reason": "BothActivePendingClustersExist" if pending else "NoPendingCluster",
              "message": "", "lastTransitionTime": "2026-11-25T10:00:00Z"},
         ],
-        "activeServiceStatus": {
-            "rayClusterName": ACTIVE,
-            "applicationStatuses": {"serving": {"status": app_status, "serveDeploymentStatuses": deployments}},
-        },
+        "activeServiceStatus": {"rayClusterName": ACTIVE, "applicationStatuses": apps},
     }
     if pending:
         status["pendingServiceStatus"] = {
             "rayClusterName": PENDING,
-            "applicationStatuses": {"serving": {"status": "DEPLOYING", "serveDeploymentStatuses": {}}}}
+            "applicationStatuses": {GATEWAYS: {"status": "RUNNING", "serveDeploymentStatuses": {}},
+                                    CHAT: {"status": "DEPLOYING", "serveDeploymentStatuses": {}},
+                                    EMBED: {"status": "DEPLOYING", "serveDeploymentStatuses": {}}}}
     return status
 
 
-def serve_details(model_states=("RUNNING",)) -> dict:
+def serve_details(chat_states=("RUNNING",), embed_states=("RUNNING", "RUNNING")) -> dict:
+    """Ray Serve's REST API: every application with its deployments and their replicas."""
     def deployment(name, states, status="HEALTHY", target=None):
         return {"name": name, "status": status, "status_trigger": "CONFIG_UPDATE_COMPLETED", "message": "",
                 "deployment_config": {"name": name}, "target_num_replicas": len(states) if target is None else target,
@@ -69,17 +78,20 @@ def serve_details(model_states=("RUNNING",)) -> dict:
                 "replicas": [{"replica_id": f"{name}-{i}", "state": s, "start_time_s": 1.0, "node_ip": "10.0.0.2"}
                              for i, s in enumerate(states)]}
 
-    chat_status = "HEALTHY" if all(s == "RUNNING" for s in model_states) else "UPDATING"
+    def application(name, status, deployments):
+        return {"name": name, "route_prefix": "/" if name == GATEWAYS else None, "docs_path": None,
+                "status": status, "message": "", "last_deployed_time_s": 1.0, "source": "declarative",
+                "external_scaler_enabled": False, "deployments": {d["name"]: d for d in deployments}}
+
+    chat_ready = all(s == "RUNNING" for s in chat_states)
     return {
         "proxy_location": "EveryNode", "proxies": {},
-        "applications": {"serving": {
-            "name": "serving", "route_prefix": "/", "docs_path": None, "status": "RUNNING", "message": "",
-            "last_deployed_time_s": 1.0, "source": "declarative", "external_scaler_enabled": False,
-            "deployments": {
-                "gateway": deployment("gateway", ["RUNNING"]),
-                "model-demo-chat": deployment("model-demo-chat", list(model_states), chat_status, target=1),
-                "model-all-minilm-l6-v2": deployment("model-all-minilm-l6-v2", ["RUNNING"]),
-            }}},
+        "applications": {
+            GATEWAYS: application(GATEWAYS, "RUNNING", [deployment("gateway", ["RUNNING"])]),
+            CHAT: application(CHAT, "RUNNING" if chat_ready else "DEPLOYING", [
+                deployment(CHAT, list(chat_states), "HEALTHY" if chat_ready else "UPDATING", target=1)]),
+            EMBED: application(EMBED, "RUNNING", [deployment(EMBED, list(embed_states))]),
+        },
     }
 
 
@@ -202,10 +214,19 @@ def test_fixtures_have_the_shapes_kuberay_and_ray_produce():
     crd = yaml.load((ROOT / "tests" / "helm" / "schemas" / "ray.io_rayservices.yaml").read_text(),
                     Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    for status in (kuberay_status(), kuberay_status(ready=False, pending=True)):
+    for status in (kuberay_status(), kuberay_status("DEPLOYING", "UPDATING", ready=False, pending=True)):
         jsonschema.validate({**example_rayservice(), "status": status}, schema)
     ServeInstanceDetails.model_validate(serve_details())
     ServeInstanceDetails.model_validate(serve_details(("STARTING",)))
+    # the fixtures name the example's applications, which serving.app's entry points build
+    from serving import app as serving_app, k8s
+
+    apps = yaml.safe_load(example_rayservice()["spec"]["serveConfigV2"])["applications"]
+    assert tuple(app["name"] for app in apps) == APPS
+    assert [app["import_path"] for app in apps] == [
+        serving_app.GATEWAY_IMPORT_PATH, serving_app.MODEL_IMPORT_PATH, serving_app.MODEL_IMPORT_PATH]
+    assert (k8s.GATEWAY_IMPORT_PATH, k8s.MODEL_IMPORT_PATH) == (
+        serving_app.GATEWAY_IMPORT_PATH, serving_app.MODEL_IMPORT_PATH)
 
 
 def test_a_serving_platform_reports_every_model_ready(fake, kubeconfig, capsys):
@@ -214,9 +235,11 @@ def test_a_serving_platform_reports_every_model_ready(fake, kubeconfig, capsys):
     out = capsys.readouterr().out
     assert "RayService serving/serving: Ready (Running), 2 serve endpoint(s)" in out
     assert f"cluster {ACTIVE} (active): cpu 1/1 ready, headgroup 1/1 ready" in out
-    assert "application serving: RUNNING" in out
-    for line in ("demo-chat         model-demo-chat         HEALTHY  1/1       yes",
-                 "all-minilm-l6-v2  model-all-minilm-l6-v2  HEALTHY  1/1       yes"):
+    assert "applications: 3/3 RUNNING" in out
+    # one row per model, from its own application (the embedder runs two replicas, the chat model one)
+    for line in ("(gateway)         gateway                 HEALTHY  1/1       yes",
+                 "demo-chat         model-demo-chat         HEALTHY  1/1       yes",
+                 "all-minilm-l6-v2  model-all-minilm-l6-v2  HEALTHY  2/2       yes"):
         assert line in out, out
     assert "demo-chat serves LoRA adapters: demo-chat-lora" in out
     assert "replicas from ray-serve" in out
@@ -233,22 +256,40 @@ def test_json_output(fake, kubeconfig, capsys):
     assert run_status(status_cli(kubeconfig, "-o", "json")) == 0  # namespace from the context, the only RayService
     status = json.loads(capsys.readouterr().out)
     assert status["ready"] is True and status["namespace"] == NS and status["name"] == NAME
+    assert status["applications"] == [{"name": app, "status": "RUNNING", "message": ""} for app in APPS]
+    rows = [(d["model"], d["application"], d["deployment"]) for d in status["deployments"]]
+    assert rows == [("(gateway)", GATEWAYS, "gateway"), ("demo-chat", CHAT, CHAT), ("all-minilm-l6-v2", EMBED, EMBED)]
     by_model = {d["model"]: d for d in status["deployments"]}
-    assert by_model["demo-chat"]["adapters"] == ["demo-chat-lora"]
+    assert by_model["demo-chat"]["adapters"] == ["demo-chat-lora"] and by_model["all-minilm-l6-v2"]["adapters"] == []
     assert by_model["demo-chat"]["replica_states"] == {"RUNNING": 1}
-    assert by_model["(gateway)"]["deployment"] == "gateway"
+    assert by_model["all-minilm-l6-v2"]["replica_states"] == {"RUNNING": 2}
+    assert by_model["all-minilm-l6-v2"]["replicas_target"] == 2
 
 
 def test_a_loading_model_and_an_unschedulable_pod_are_reported(fake, kubeconfig, capsys):
-    serve_healthy(fake, app_status="DEPLOYING", model_status="UPDATING", ready=False)
+    """One model's application redeploys (its replica loads); the other model and the gateways run on."""
+    serve_healthy(fake, chat_app="DEPLOYING", chat_status="UPDATING")
     fake.pods.append(pod("serving-cpu-z", ACTIVE, "cpu", ready=False,
                          unschedulable="0/3 nodes are available: 3 Insufficient cpu."))
     fake.serve[f"{NAME}-head-svc:dashboard"] = serve_details(("STARTING",))
     assert run_status(status_cli(kubeconfig)) == 1
     out = capsys.readouterr().out
-    assert "RayService serving/serving: not serving" in out
+    assert "RayService serving/serving: Ready (Running)" in out  # the gateway Service still serves
     assert "cpu 1/2 ready" in out and "waiting: serving-cpu-z: 0/3 nodes are available: 3 Insufficient cpu." in out
+    assert "applications: 2/3 RUNNING (model-demo-chat DEPLOYING)" in out
+    assert "application model-demo-chat: DEPLOYING - Deploying app 'model-demo-chat'." in out
     assert "demo-chat         model-demo-chat         UPDATING  0/1 (1 STARTING)  no" in out
+    assert "all-minilm-l6-v2  model-all-minilm-l6-v2  HEALTHY   2/2               yes" in out
+    assert "(gateway)         gateway                 HEALTHY   1/1               yes" in out
+
+
+def test_a_platform_not_yet_serving(fake, kubeconfig, capsys):
+    serve_healthy(fake, chat_app="DEPLOYING", chat_status="UPDATING", ready=False)
+    fake.serve[f"{NAME}-head-svc:dashboard"] = serve_details(("STARTING",))
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 1
+    status = json.loads(capsys.readouterr().out)
+    assert status["serving"] is False and status["ready"] is False
+    assert [d["ready"] for d in status["deployments"]] == [True, False, True]
 
 
 def test_an_upgrade_shows_both_clusters(fake, kubeconfig, capsys):
@@ -257,17 +298,24 @@ def test_an_upgrade_shows_both_clusters(fake, kubeconfig, capsys):
     assert run_status(status_cli(kubeconfig)) == 0  # traffic is still served by the active cluster
     out = capsys.readouterr().out
     assert "upgrade in progress" in out
-    assert f"cluster {PENDING} (pending): headgroup 0/1 ready; application DEPLOYING" in out
+    assert (f"cluster {PENDING} (pending): headgroup 0/1 ready; "
+            "applications 1/3 RUNNING (model-demo-chat DEPLOYING, model-all-minilm-l6-v2 DEPLOYING)") in out
 
 
 def test_without_access_to_ray_serve_the_spec_and_kuberay_statuses_are_used(fake, kubeconfig, capsys):
-    serve_healthy(fake)
+    serve_healthy(fake, chat_app="DEPLOYING", chat_status="UPDATING")
     fake.proxy_error = 403
-    assert run_status(status_cli(kubeconfig, "-o", "json")) == 0
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 1
     status = json.loads(capsys.readouterr().out)
     assert status["replicas_source"] == "spec (Ray Serve API unavailable: 403 Forbidden)"
-    chat = next(d for d in status["deployments"] if d["model"] == "demo-chat")
-    assert chat["status"] == "HEALTHY" and chat["replicas_running"] is None and chat["replicas_target"] == "1"
+    by_model = {d["model"]: d for d in status["deployments"]}
+    # each model's status from its own application in KubeRay's status, targets from its own args
+    chat, embed = by_model["demo-chat"], by_model["all-minilm-l6-v2"]
+    assert (chat["status"], chat["message"], chat["ready"]) == ("UPDATING", "loading weights", False)
+    assert (embed["status"], embed["ready"]) == ("HEALTHY", True)
+    assert chat["replicas_running"] is None and chat["replicas_target"] == "1"
+    assert by_model["(gateway)"]["status"] == "HEALTHY" and by_model["(gateway)"]["replicas_target"] == "1"
+    assert [a["status"] for a in status["applications"]] == ["RUNNING", "DEPLOYING", "RUNNING"]
 
 
 def test_errors_exit_2_with_a_message(fake, kubeconfig, capsys):
@@ -283,6 +331,8 @@ def test_errors_exit_2_with_a_message(fake, kubeconfig, capsys):
     fake.rayservices["someone-else"] = unrelated
     assert run_status(status_cli(kubeconfig)) == 2
     assert "2 serving RayServices in namespace serving (serving, serving-b): pass --name" in capsys.readouterr().err
+    assert run_status(status_cli(kubeconfig, "--name", "someone-else")) == 2
+    assert "RayService someone-else runs no serving.app:gateway_builder application" in capsys.readouterr().err
 
 
 def test_wrong_credentials_are_an_error(fake, tmp_path, capsys):

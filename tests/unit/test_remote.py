@@ -16,7 +16,7 @@ class Counter(ReplicaCounter):
     """The controller's answer is `value`; while `slow` is clear, asking it blocks (in its thread)."""
 
     def __init__(self, running: int):
-        super().__init__("serving")
+        super().__init__()
         self.fetches, self.value = 0, running
         self.slow = threading.Event()
         self.slow.set()
@@ -186,20 +186,6 @@ def test_a_view_asked_for_before_a_failed_call_is_not_taken_as_fresh():
         assert counter.fetches == 2  # asked again: the first answer predates the failure
 
     asyncio.run(scenario())
-
-
-@pytest.mark.parametrize("throughput_mode, by_reference", [("1", False), ("0", True)])
-def test_gateway_handles_take_the_transport_of_the_replicas_own_ray_settings(throughput_mode, by_reference):
-    """Handles arrive pickled from the driver, with the transport the driver chose when it imported
-    Ray Serve; the gateway re-chooses it from its own process's settings (gRPC in throughput mode)."""
-    import subprocess
-    import sys
-
-    code = "from serving.app import _handle_transport; print(_handle_transport())"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                         env={**env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": throughput_mode})
-    assert out.stdout.strip().splitlines()[-1] == repr({"_by_reference": by_reference})
 
 
 def test_a_model_that_scales_to_zero_takes_requests_at_zero(monkeypatch):

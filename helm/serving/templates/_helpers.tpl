@@ -145,6 +145,10 @@ environment, so these reach the configuration model as SERVING_* overrides and v
 # Ray Serve's throughput mode, as `serving up` runs it (direct ingress, gRPC between replicas)
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
+# a replaced gateway replica stays reachable this long while each node's HAProxy drops it from its
+# backends, then finishes its streams (up to gateway.shutdown_grace_s); as `serving up` sets it
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: "5"
 {{- if .Values.ray.haproxy }}
 # HAProxy on the gateway port forwards straight to the gateway replicas (no Python proxy hop)
 - name: RAY_SERVE_ENABLE_HA_PROXY
@@ -216,23 +220,68 @@ environment, so these reach the configuration model as SERVING_* overrides and v
 {{/* ---------------------------------------------------------------- the configuration model */}}
 
 {{/*
-The Ray Serve config (serveConfigV2): one application whose args ARE the configuration model
-(its sections verbatim from values) for serving.app:app_builder. http_options come from the same
-gateway section, so the proxy listens where the Service and probes point. Secrets are not here:
-the Ray pods get them as SERVING_* variables (serving.rayEnv), which override args.
+The Ray Serve config (serveConfigV2): what serving.app.serve_config(config) returns for the
+configuration these values hold (the tests compare the two), one application per model plus one
+for the gateways. Ray Serve rebuilds a whole application when anything in its entry changes (on
+this path every deployment of an application takes its code version, a hash of its args), so:
+
+  application "serving"       serving.app:gateway_builder  route_prefix /
+      args: the sections gateway, redis (= redis.config), cache, auth, limits, and of each model
+      only what the gateways read of it (serving.app.GATEWAY_MODEL_FIELDS: name, source, kind,
+      revision, lora_adapters, cache, autoscaling), so a model's engine_args, server_args,
+      replicas, resources or env never roll the gateways;
+  application "model-<name>"  serving.app:model_builder    route_prefix null (no HTTP route)
+      one per model, in values order; args: the model's values entry verbatim, so a change to
+      one model rebuilds that model's application only.
+
+http_options come from the same gateway section, so the proxy listens where the Service and
+probes point. Secrets are not here: the Ray pods get them as SERVING_* variables (serving.rayEnv),
+which override args.
 */}}
 {{- define "serving.serveConfig" -}}
-{{- $args := dict "models" .Values.models "gateway" .Values.gateway "cache" .Values.cache "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
+{{- $gatewayModels := list -}}
+{{- $apps := dict -}}
+{{- range $i, $m := .Values.models -}}
+  {{- $gatewayModels = append $gatewayModels (pick $m "name" "source" "kind" "revision" "lora_adapters" "cache" "autoscaling") -}}
+  {{- $app := include "serving.modelAppName" $m -}}
+  {{- if hasKey $apps $app -}}
+    {{- fail (printf "models[%d] (%s): its Ray Serve application and deployment name %s is also models[%d]'s (names differ only in characters outside [A-Za-z0-9_-]): rename one" $i $m.name $app (get $apps $app)) -}}
+  {{- end -}}
+  {{- $_ := set $apps $app $i -}}
+{{- end -}}
+{{- /* fixed replica counts are Serve's per-deployment overrides (applied in place), not args: a change
+       of an application's args rebuilds it (serving.app.serve_config does the same) */ -}}
+{{- $args := dict "models" $gatewayModels "gateway" (omit .Values.gateway "replicas") "cache" .Values.cache "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
 proxy_location: EveryNode
 http_options:
   host: {{ .Values.gateway.host | default "0.0.0.0" | quote }}
   port: {{ include "serving.gatewayPort" . }}
 applications:
   - name: serving
-    import_path: serving.app:app_builder
+    import_path: serving.app:gateway_builder
     route_prefix: /
     args:
       {{- toYaml $args | nindent 6 }}
+    deployments:
+      - name: gateway
+        num_replicas: {{ .Values.gateway.replicas | default 1 | int }}
+{{- range .Values.models }}
+  - name: {{ include "serving.modelAppName" . }}
+    import_path: serving.app:model_builder
+    route_prefix: null
+    args:
+      {{- toYaml (omit . "replicas") | nindent 6 }}
+    {{- if not .autoscaling }}
+    deployments:
+      - name: {{ include "serving.modelAppName" . }}
+        num_replicas: {{ .replicas | default 1 | int }}
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A model's Ray Serve application (and deployment) name: serving.config.ModelConfig.app_name. */}}
+{{- define "serving.modelAppName" -}}
+{{- printf "model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" (toString .name) "-") -}}
 {{- end }}
 
 {{- define "serving.gatewayPort" -}}
