@@ -250,7 +250,8 @@ def _describe(proc: psutil.Process, limit: int = 500) -> str:
     Raises nothing.
     """
     try:
-        text = " ".join(proc.cmdline()) or proc.name()
+        # Ray pads its workers' process titles with spaces: one space between words reads better
+        text = " ".join(" ".join(proc.cmdline()).split()) or proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         text = "?"
     if len(text) > limit:
