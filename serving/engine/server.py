@@ -23,6 +23,7 @@ class ModelServer:
         self.model = ModelConfig.model_validate(model)
         self._channel: ChannelServer | None = None  # started on the first call of a direct-streams gateway
         self._channel_lock = asyncio.Lock()
+        self._channel_unavailable = False  # it could not listen: answers go through the calls
         if engine == "fake":
             from serving.engine.fake import FakeEngine
 
@@ -38,7 +39,9 @@ class ModelServer:
         """One request's answer, after an `Accepted` sent at once: Ray delivers a caller's cancellation
         only to a call that has yielded something, so without it a non-streamed request whose client
         left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway
-        with direct streams: the answer then goes over that gateway's connection if it is up."""
+        with direct streams: the answer then goes over that gateway's connection if it is up. The
+        secret reaches the replica only here, inside Ray's call; the connection proves it without
+        sending it (serving.engine.channel)."""
         items = self.engine.generate(route, body, request_id, timeout_s)
         # the engine starts on the request now (vLLM parses it, applies the chat template, tokenizes),
         # while Accepted travels to the gateway; engines never yield None
@@ -59,11 +62,18 @@ class ModelServer:
             await asyncio.gather(first, return_exceptions=True)
             await items.aclose()  # the call ended or was cancelled: the engine request ends too
 
-    async def _channel_server(self) -> ChannelServer:
+    async def _channel_server(self) -> ChannelServer | None:
+        """The direct-stream listener, started by the first call that asks for it; None when it cannot
+        listen (then every answer goes through its Ray call, as with direct streams off)."""
         async with self._channel_lock:
-            if self._channel is None:
-                channel = ChannelServer()
-                await channel.start()
+            if self._channel is None and not self._channel_unavailable:
+                channel = ChannelServer()  # on this node's address as Ray knows it, not every interface
+                try:
+                    await channel.start()
+                except OSError as exc:  # e.g. Ray's node address is not one of this host's (NAT)
+                    logger.warning("direct streams off for %s: cannot listen: %r", self.model.name, exc)
+                    self._channel_unavailable = True
+                    return None
                 self._channel = channel
         return self._channel
 
