@@ -164,6 +164,11 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond it)."
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Longest a request's body may take to arrive (408 after): a client trickling its body "
+        "would otherwise hold one of the replica's max_ongoing_requests for as long as it likes.",
+    )
     max_ongoing_requests: int = Field(1000, ge=1, description="Requests one gateway replica takes at once.")
     cpus: float = Field(1, ge=0, description="Logical CPUs reserved per gateway replica.")
     max_messages: int = Field(2048, ge=1, description="Most `messages` in one chat request (400 beyond).")
@@ -174,6 +179,12 @@ class GatewayConfig(_Strict):
     metrics_port: int = Field(
         8080, ge=1, le=65535,
         description="Per-node Prometheus endpoint (Ray's metrics agent) that `serving up` starts Ray with.",
+    )
+    ray_resource: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="A custom Ray resource each gateway replica requests one unit of, so that gateways run only "
+        "on nodes that advertise it (the chart: `serving_gateway`, advertised by the head pod alone, the only pod "
+        "given the gateways' secrets). Unset: gateways go wherever Ray places them.",
     )
     shutdown_grace_s: float = Field(
         60.0, ge=0,
@@ -192,7 +203,8 @@ class RedisConfig(_Strict):
     """Where the cache, API keys, rate-limit counters and usage live."""
 
     url: str | None = Field(
-        None, description="redis:// or rediss:// URL. Unset: an in-process store (one gateway replica, local use)."
+        None, description="redis:// or rediss:// (TLS) URL. Unset: an in-process store (one gateway replica, "
+        "local use).",
     )
     password: SecretStr | None = Field(None, description="Password, if not in the URL (e.g. from a Secret).")
     timeout_s: float = Field(
@@ -202,7 +214,35 @@ class RedisConfig(_Strict):
         2.0, gt=0, description="After a Redis failure, calls are skipped for this long, then tried again."
     )
     key_prefix: str = Field("serving:", description="Prefix of every Redis key the platform writes.")
-    max_connections: int = Field(64, ge=1, description="Connection pool size per gateway replica.")
+    max_connections: int = Field(
+        64, ge=1, description="Connection pool size per gateway replica; also the most Redis calls one replica "
+        "has in flight at once (the others wait for a connection, see pool_timeout_s).",
+    )
+    pool_timeout_s: float = Field(
+        1.0, gt=0, le=30,
+        description="Longest a call waits for a free connection when all max_connections are busy. A wait that "
+        "runs out skips that call like a Redis failure would, but is no Redis fault: it never opens the "
+        "breaker of retry_interval_s.",
+    )
+    tls_ca_file: str | None = Field(
+        None, description="rediss:// only: PEM file of the CA(s) that sign the Redis server's certificate "
+        "(e.g. a mounted Secret); unset: the system's CAs. The server's name is checked against its certificate.",
+    )
+    tls_cert_file: str | None = Field(
+        None, description="rediss:// only: PEM client certificate, for a Redis that requires one "
+        "(`tls-auth-clients yes`); needs tls_key_file.",
+    )
+    tls_key_file: str | None = Field(None, description="rediss:// only: PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> "RedisConfig":
+        tls = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file}
+        given = [name for name, value in tls.items() if value]
+        if given and not (self.url or "").startswith("rediss://"):
+            raise ValueError(f"{', '.join(given)}: only with a rediss:// url (TLS)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
 
 class CacheConfig(_Strict):
@@ -218,6 +258,13 @@ class CacheConfig(_Strict):
     shared: bool = Field(
         False, description="Share cached answers across API keys (off: an answer never crosses tenants)."
     )
+    prefix_salt: Literal["per_key", "shared"] = Field(
+        "per_key",
+        description="vLLM's prefix (KV) cache: per_key salts every request with a keyed hash of its API key, so "
+        "keys never share cached prefixes and none can time whether another sent a prompt; shared lets all keys "
+        "share them (faster for prompts common to many keys, but a key can probe what others sent). A client's "
+        "own `cache_salt` is always dropped.",
+    )
 
 
 class APIKeySpec(_Strict):
@@ -228,6 +275,13 @@ class APIKeySpec(_Strict):
     models: list[str] | None = Field(None, description="Models the key may use; unset: all.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute; unset: unlimited.")
     tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute; unset: unlimited.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests of this key in flight at once (429 beyond); unset: limits.max_concurrent."
+    )
+    max_n: int | None = Field(None, ge=1, description="Largest `n` (choices per request); unset: limits.max_n.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Largest `max_tokens`/`max_completion_tokens`; unset: limits.max_tokens."
+    )
 
     @model_validator(mode="after")
     def _long_enough(self) -> "APIKeySpec":
@@ -246,11 +300,39 @@ class AuthConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    """Per-key rate limits."""
+    """Per-key rate limits and caps, and the limit on failed API-key attempts."""
 
     failure_policy: Literal["open", "closed"] = Field(
         "open", description="When Redis is unreachable: open lets requests through, closed answers 503."
     )
+    max_concurrent: int | None = Field(
+        64, ge=1,
+        description="Requests one API key may have in flight at once, across all gateway replicas (429 beyond); "
+        "a key's own max_concurrent overrides it. Unset: no cap. Not applied with auth off.",
+    )
+    max_n: int | None = Field(
+        16, ge=1, description="Largest `n` (choices per request) of a request (400 beyond); a key's own max_n "
+        "overrides it. Unset: no cap.",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1,
+        description="Largest `max_tokens`/`max_completion_tokens` of a request (400 beyond); a request that sets "
+        "neither is given this value. A key's own max_tokens overrides it. Unset: no cap (the model's context).",
+    )
+    reserve_max_tokens: int = Field(
+        1024, ge=0,
+        description="Completion tokens reserved against a key's TPM for a chat request that sets no max_tokens "
+        "when no cap applies (with a cap, the cap is reserved); the real usage replaces the reservation after.",
+    )
+    failed_auth_per_source: int = Field(
+        0, ge=0,
+        description="Unknown, revoked or expired API keys one client address may try per window_s on one gateway "
+        "replica (checks in progress count too); beyond it 429 with Retry-After, without asking Redis. Keys "
+        "this replica verified before are never held back. 0 (default): no limit. Set it only where gateways "
+        "see the clients' own addresses: behind Ray Serve's HAProxy (the default) every client has the proxy's "
+        "address, and one budget for all would let a flood of bad keys lock out every key new to a replica.",
+    )
+    # last: README's reference is regenerated up to this field's row
     window_s: int = Field(60, ge=1, le=3600, description="Length of the sliding window of RPM and TPM, seconds.")
 
 

@@ -1,4 +1,4 @@
-"""`serving keys create|list|revoke|usage`: API keys and their usage, in the configured Redis."""
+"""`serving keys create|update|list|revoke|usage`: API keys, their limits and usage, in the configured Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from serving.config import ConfigError, ServingConfig, load_config
-from serving.gateway.auth import create_key, digest, find_key, revoke_key
-from serving.gateway.store import RedisStore
+from serving.gateway.auth import LIMIT_FIELDS, create_key, digest, find_key, revoke_key, update_key
+from serving.gateway.store import RedisStore, build_store
 
 
 def add_keys_parser(subparsers) -> None:
@@ -20,10 +20,11 @@ def add_keys_parser(subparsers) -> None:
     sub = keys.add_subparsers(dest="keys_command", required=True)
     create = sub.add_parser("create", help="create a key; it is printed once")
     create.add_argument("name")
-    create.add_argument("--models", help="comma-separated models the key may use (default: all)")
-    create.add_argument("--rpm", type=int, help="requests per minute")
-    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    _limit_flags(create, "unset: ")
     create.add_argument("--expires-days", type=float, help="expire after this many days")
+    update = sub.add_parser("update", help="change a key's models, limits or caps (`none` clears one)")
+    update.add_argument("name")
+    _limit_flags(update, "none: ", clearable=True)
     sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = sub.add_parser("revoke", help="revoke a key by name")
     revoke.add_argument("name")
@@ -32,12 +33,38 @@ def add_keys_parser(subparsers) -> None:
     usage.add_argument("--json", action="store_true", help="print JSON")
 
 
+CLEAR = "none"
+
+
+def _limit_flags(parser: argparse.ArgumentParser, unset: str, *, clearable: bool = False) -> None:
+    """--models, --rpm, --tpm and the caps; with `clearable`, `none` clears a value (stored as null)."""
+    number = _count_or_none if clearable else _count
+    parser.add_argument("--models", help=f"comma-separated models the key may use ({unset}all)")
+    parser.add_argument("--rpm", type=number, help=f"requests per minute ({unset}unlimited)")
+    parser.add_argument("--tpm", type=number, help=f"tokens per minute, prompt + completion ({unset}unlimited)")
+    parser.add_argument("--max-concurrent", type=number,
+                        help=f"requests in flight at once ({unset}limits.max_concurrent)")
+    parser.add_argument("--max-n", type=number, help=f"largest `n` of a request ({unset}limits.max_n)")
+    parser.add_argument("--max-tokens", type=number,
+                        help=f"largest max_tokens/max_completion_tokens of a request ({unset}limits.max_tokens)")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _count_or_none(text: str) -> int | str:
+    return CLEAR if text.lower() == CLEAR else _count(text)
+
+
 def run_keys(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not config.redis.url:
         raise ConfigError("serving keys needs Redis: set redis.url in --config FILE or SERVING_REDIS__URL")
-    password = config.redis.password.get_secret_value() if config.redis.password else None
-    store = RedisStore(config.redis.url, password=password, prefix=config.redis.key_prefix)
+    store = build_store(config.redis)
     try:
         return asyncio.run(_run(args, config, store))
     except ValueError as exc:
@@ -48,13 +75,22 @@ def run_keys(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, config: ServingConfig, store: RedisStore) -> int:
     try:
         if args.keys_command == "create":
-            models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-            unknown = [m for m in models or [] if config.models and config.model(m) is None]
-            if unknown:
-                raise ValueError(f"unknown model(s) in --models: {', '.join(unknown)}")
-            key, record = await create_key(store, args.name, models=models, rpm=args.rpm, tpm=args.tpm,
-                                           expires_in_days=args.expires_days)
+            key, record = await create_key(store, args.name, models=_models(args.models, config),
+                                           expires_in_days=args.expires_days,
+                                           **{f: getattr(args, f) for f in LIMIT_FIELDS})
             print(f"created key {record['name']!r}: {key}\n(shown once: store it now; only its hash is kept)")
+        elif args.keys_command == "update":
+            fields = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
+            if args.models is not None:
+                fields["models"] = args.models
+            if not fields:
+                raise ValueError("nothing to change: give --models, --rpm, --tpm, --max-concurrent, --max-n or "
+                                 "--max-tokens")
+            fields = {f: None if v == CLEAR else v for f, v in fields.items()}
+            if fields.get("models") is not None:
+                fields["models"] = _models(fields["models"], config)
+            await update_key(store, args.name, **fields)
+            print(f"updated {args.name!r} (gateways apply it within seconds)")
         elif args.keys_command == "list":
             _print_keys((await store.key_list()).values(), config)
         elif args.keys_command == "revoke":
@@ -66,6 +102,14 @@ async def _run(args: argparse.Namespace, config: ServingConfig, store: RedisStor
         return 0
     finally:
         await store.close()
+
+
+def _models(text: str | None, config: ServingConfig) -> list[str] | None:
+    models = [m.strip() for m in text.split(",") if m.strip()] if text else None
+    unknown = [m for m in models or [] if config.models and config.model(m) is None]
+    if unknown:
+        raise ValueError(f"unknown model(s) in --models: {', '.join(unknown)}")
+    return models
 
 
 async def _subject(store: RedisStore, config: ServingConfig, name: str) -> str:
@@ -81,11 +125,12 @@ def _when(epoch: float | None) -> str:
 
 def _print_keys(records, config: ServingConfig) -> None:
     rows = [(r["name"], r.get("hint", "?"), ",".join(r["models"]) if r.get("models") else "all",
-             str(r.get("rpm") or "-"), str(r.get("tpm") or "-"), _when(r.get("created_at")), _when(r.get("expires_at")))
+             *(str(r.get(f) or "-") for f in LIMIT_FIELDS), _when(r.get("created_at")), _when(r.get("expires_at")))
             for r in records]
-    rows += [(k.name, "(configuration)", ",".join(k.models) if k.models else "all", str(k.rpm or "-"),
-              str(k.tpm or "-"), "-", "-") for k in config.auth.keys]
-    print(_table(("name", "key", "models", "rpm", "tpm", "created (UTC)", "expires (UTC)"), rows))
+    rows += [(k.name, "(configuration)", ",".join(k.models) if k.models else "all",
+              *(str(getattr(k, f) or "-") for f in LIMIT_FIELDS), "-", "-") for k in config.auth.keys]
+    print(_table(("name", "key", "models", "rpm", "tpm", "concurrent", "n", "max_tokens", "created (UTC)",
+                  "expires (UTC)"), rows))
 
 
 def _usage_table(usage: dict) -> str:

@@ -86,6 +86,10 @@ class RemoteEngine:
 
     async def generate(self, route: Route, body: bytes, request_id: str,
                        timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
+        """`request_id` must be unique among this gateway's requests in flight: the direct stream hands
+        each answer to the request registered under its id, and the replica's engine (vLLM) takes it as
+        its request id. The gateway passes its internal id (serving.gateway.middleware), never a
+        client's x-request-id."""
         from ray.serve.exceptions import BackPressureError
 
         if not await self.ready():

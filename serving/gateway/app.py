@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse
 
 from serving.config import ServingConfig
 from serving.engine.protocol import Engine, Route
-from serving.gateway.auth import Authenticator
+from serving.gateway.auth import Authenticator, Principal, client_address
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError, install_error_handlers
-from serving.gateway.limits import Limiter
+from serving.gateway.limits import LEASE_SLACK_S, Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
 from serving.gateway import schemas as request_schemas
@@ -69,9 +69,11 @@ def build_services(config: ServingConfig, engines: Mapping[str, Engine], store: 
     metrics = metrics if metrics is not None else GatewayMetrics(PrometheusBackend())
     resilient = Resilient(store if store is not None else build_store(config.redis),
                           timeout_s=config.redis.timeout_s, retry_interval_s=config.redis.retry_interval_s,
-                          on_error=lambda op: metrics.redis_errors.inc(1, {"operation": op}))
+                          on_error=lambda op: metrics.redis_errors.inc(1, {"operation": op}),
+                          max_concurrency=config.redis.max_connections, wait_s=config.redis.pool_timeout_s)
     return Services(config=config, registry=Registry(config, engines), store=resilient,
-                    auth=Authenticator(config.auth, resilient), limiter=Limiter(config.limits, resilient),
+                    auth=Authenticator(config.auth, resilient, limits=config.limits),
+                    limiter=Limiter(config.limits, resilient, lease_s=config.gateway.request_timeout_s + LEASE_SLACK_S),
                     cache=ResponseCache(config.cache, resilient), metrics=metrics)
 
 
@@ -88,8 +90,10 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
         await services.drain()
         await services.store.close()
 
+    # redirect_slashes off: Starlette would answer `POST /v1/chat/completions/` with a 307 whose Location
+    # it builds from the Host header (an open redirect); a path with a trailing slash is a 404 instead
     app = FastAPI(title="serving", version="0.1.0", description="OpenAI-compatible API for many LLMs.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
@@ -98,26 +102,20 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: every model has a loaded replica.")
-    async def ready(svc: Svc) -> JSONResponse:
+    @app.get("/ready", summary="Readiness: every model has a loaded replica (names only to keys that may use them).")
+    async def ready(request: Request, svc: Svc) -> JSONResponse:
         names = list(svc.registry.engines)
         states = await asyncio.gather(*(_is_ready(svc.registry.engines[n]) for n in names))
-        models = dict(zip(names, states))
-        if all(states):
-            return JSONResponse({"status": "ready", "models": models})
-        waiting = ", ".join(n for n, ok in models.items() if not ok)
-        body = {"error": {"message": f"models not ready: {waiting}", "type": "service_unavailable_error",
-                          "param": None, "code": "not_ready"}, "models": models}
-        return JSONResponse(body, status_code=503, headers={"retry-after": "5"})
+        return readiness(dict(zip(names, states)), await _viewer(request, svc))
 
     @app.get("/v1/models", summary="Models and LoRA adapters served (those the API key may use).")
     async def list_models(request: Request, svc: Svc) -> dict[str, Any]:
-        principal = await svc.auth.authenticate(request.headers.get("authorization"))
+        principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
         return {"object": "list", "data": [c for c in svc.registry.cards() if principal.may_use(c["id"])]}
 
     @app.get("/v1/models/{model:path}", summary="One served model.")
     async def get_model(model: str, request: Request, svc: Svc) -> dict[str, Any]:
-        principal = await svc.auth.authenticate(request.headers.get("authorization"))
+        principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
         for card in svc.registry.cards():
             if card["id"] == model and principal.may_use(model):
                 return card
@@ -129,6 +127,35 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
                           openapi_extra=_operation(route))
     _install_openapi(app)
     return app
+
+
+async def _viewer(request: Request, svc: Services) -> Principal | None:
+    """Whose key asks /ready: the principal (ANONYMOUS with auth off), None without a valid key.
+    Readiness is probed without keys; an absent, wrong or uncheckable key only hides the names."""
+    if svc.auth.enabled and not request.headers.get("authorization"):
+        return None
+    try:
+        return await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+    except APIError:
+        return None
+
+
+def readiness(models: dict[str, bool], viewer: Principal | None) -> JSONResponse:
+    """/ready's answer: 200 when every model is ready, else 503 with Retry-After, in both cases with
+    `ready` and `total` (model counts). `models` (name -> ready) lists only the models `viewer` may use,
+    and is absent for None (no valid key): a model's name is not told to who may not use it."""
+    ready = sum(models.values())
+    body: dict[str, Any] = {"ready": ready, "total": len(models)}
+    shown = None if viewer is None else {n: ok for n, ok in models.items() if viewer.may_use(n)}
+    if shown is not None:
+        body["models"] = shown
+    if ready == len(models):
+        return JSONResponse({"status": "ready", **body})
+    waiting = [n for n, ok in (shown or {}).items() if not ok]
+    message = f"models not ready: {', '.join(waiting)}" if waiting else \
+        f"{len(models) - ready} of {len(models)} models not ready"
+    error = {"message": message, "type": "service_unavailable_error", "param": None, "code": "not_ready"}
+    return JSONResponse({"error": error, **body}, status_code=503, headers={"retry-after": "5"})
 
 
 async def _is_ready(engine: Engine) -> bool:

@@ -75,6 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "-")
-        logger.exception("request %s failed", request_id)
+        state = request.state
+        logger.exception("request %s (x-request-id %s) failed", getattr(state, "request_id", "-"),
+                         getattr(state, "client_request_id", "-"))
         return error_response(500, "internal error")

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from serving.config import GatewayConfig
 from serving.engine.protocol import ROUTE_KINDS, Route
-from serving.gateway.auth import Principal
+from serving.gateway.auth import client_address
 from serving.gateway.cache import StreamAssembler, replay
 from serving.gateway.errors import APIError
+from serving.gateway.limits import Admission
 from serving.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from serving.gateway.relay import EventStream, answer
 from serving.gateway.schemas import known_fields
@@ -45,12 +50,15 @@ def openai_route(route: Route):
 
 
 async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") -> Response:
-    body = await read_body(request, svc.config.gateway.max_body_bytes)
+    # the key first: a caller without one costs no body read and no parsing (401 at once)
+    principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+    body = await read_body(request, svc.config.gateway.max_body_bytes, svc.config.gateway.body_timeout_s)
     payload = parse_object(body)
+    for field in ENGINE_OWNED:  # the gateway's to set, never the client's
+        payload.pop(field, None)
     name = payload.get("model")
     if not isinstance(name, str) or not name:
         raise APIError(400, "You must provide a model parameter (a string).", param="model")
-    principal = await svc.auth.authenticate(request.headers.get("authorization"))
     if not principal.may_use(name):
         raise model_not_found(name)
     model, engine = svc.registry.lookup(name)
@@ -60,13 +68,13 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
                        code="wrong_route")
     check_shape(route, payload, svc.config.gateway)
-    headers = await svc.limiter.check(principal)
+    admission = await svc.limiter.admit(principal, route, payload, body, svc.spawn)  # may cap payload max_tokens
+    watch.on_end(admission.release)  # its concurrency slot and token reservation, however the request ends
+    headers = admission.headers
     key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
                                       payload, request.headers.get("cache-control"))
     stream = payload.get("stream") is True
     options = payload.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise APIError(400, "`stream_options` must be an object.", param="stream_options")
     include_usage = stream and bool((options or {}).get("include_usage"))
     headers["x-cache"] = "bypass" if key is None or not read else "miss"
     if key is not None and read:
@@ -77,7 +85,7 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         if entry is not None:
             headers["x-cache"] = "hit"
             watch.cache_result("hit")
-            svc.spawn(svc.limiter.record(principal, name, json.loads(entry).get("usage"), cached=True))
+            admission.settle(name, json.loads(entry).get("usage"), cached=True)
             if stream:
                 return EventStream(watch.replayed(replay(entry, route, include_usage)), headers=headers)
             return Response(entry, media_type="application/json", headers=headers)
@@ -90,18 +98,37 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         shows = Shown(usage=include_usage, running=include_usage and bool(options.get("continuous_usage_stats")),
                       per_prompt=None if route == "chat" else _choices_per_prompt(payload))
         payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
-        body = json.dumps(payload).encode()
-    tap = Accounting(svc, principal, name, route, watch, shows=shows, cache_key=key if write else None)
+    if svc.config.cache.prefix_salt == "per_key":  # after the response cache's key: it stays shareable
+        payload["cache_salt"] = prefix_salt(principal.subject)
+    body = json.dumps(payload).encode()
+    tap = Accounting(svc, admission, name, route, watch, shows=shows, cache_key=key if write else None)
     timeout_s = svc.config.gateway.request_timeout_s
     if not stream:
         timeout_s = min(timeout_s, client_timeout_s(request.headers) or timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
+    # the internal id (serving.gateway.middleware), never the client's x-request-id
     work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
     # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
     # fires); a non-streamed request would wait for the whole answer, so it listens for the hang-up
     response = await (work if stream else until_disconnect(request, work))
     response.headers.update(headers)
     return response
+
+
+# Request fields only the gateway sets: `cache_salt` (below) and vLLM's `request_id` (the engine's id is
+# the gateway's internal one, serving.gateway.middleware; vLLM takes it from the x-request-id it is given).
+ENGINE_OWNED = ("cache_salt", "request_id")
+# vLLM's prefix cache is shared by every request on a replica: a cache hit answers measurably faster, so
+# one tenant could learn whether another sent a prompt. vLLM mixes `cache_salt` into the hashes of a
+# request's cached blocks: requests with different salts never share blocks.
+_SALT_KEY = b"serving/prefix-cache-salt/v1"
+
+
+def prefix_salt(subject: str) -> str:
+    """A caller's prefix-cache salt: HMAC-SHA256 of its subject (the key's SHA-256 digest, never the
+    key itself), as 64 hex digits (vLLM takes at most 128 characters, none of @ / \\ NUL). The same key
+    gets the same salt on every gateway replica, so its own requests still share cached prefixes."""
+    return hmac.new(_SALT_KEY, subject.encode(), hashlib.sha256).hexdigest()
 
 
 # The official SDKs tell the server how long they will wait for an answer (openai: the read timeout;
@@ -162,6 +189,11 @@ class Watch:
         self.last: float | None = None
         self.counted_in_flight = False
         self.done = False
+        self._on_end: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the request ends (in finish), whatever ends it."""
+        self._on_end.append(callback)
 
     def begin(self, model: str) -> None:
         self.model = model
@@ -197,6 +229,8 @@ class Watch:
         if self.done:
             return
         self.done = True
+        for callback in self._on_end:
+            callback()
         if self.counted_in_flight:
             self.metrics.finished(self.model, self.route, status, self.started)
         else:
@@ -226,9 +260,9 @@ _DECODER = json.JSONDecoder()
 class Accounting:
     """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
 
-    def __init__(self, svc: Services, principal: Principal, model: str, route: Route, watch: Watch, *,
+    def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
                  shows: Shown, cache_key: str | None):
-        self.svc, self.principal, self.model, self.watch = svc, principal, model, watch
+        self.svc, self.admission, self.model, self.watch = svc, admission, model, watch
         self.shows = shows
         self.cache_key = cache_key
         self.assembler = StreamAssembler(route) if cache_key else None
@@ -242,7 +276,7 @@ class Accounting:
             return
         self.usage = json.loads(body).get("usage")
         self.svc.metrics.tokens(self.model, self.usage)
-        self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
+        self.admission.settle(self.model, self.usage, cached=False)
         if self.cache_key:
             self.svc.spawn(self.svc.cache.put(self.cache_key, body))
 
@@ -281,8 +315,8 @@ class Accounting:
             completion = sum(self.completions.values()) if self.completions else self.events
             prompt = sum(self.prompts.values())
             self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        self.watch.finish(200, self.usage)
-        self.svc.spawn(self.svc.limiter.record(self.principal, self.model, self.usage, cached=False))
+        self.admission.settle(self.model, self.usage, cached=False)
+        self.watch.finish(200, self.usage)  # releases the admission: after its usage is settled
         result = self.assembler.result() if self.assembler is not None else None
         if result is not None and self.cache_key:
             self.svc.spawn(self.svc.cache.put(self.cache_key, json.dumps(result, separators=(",", ":")).encode()))
@@ -293,7 +327,10 @@ def _choices_per_prompt(payload: dict[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body, at most `limit` bytes (413 beyond), within `timeout_s` seconds (408 after: HAProxy
+    bounds only the time between two pieces of a body, so a body sent a byte at a time has no end there);
+    415 unless JSON is declared."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
         raise APIError(415, f"Content-Type must be application/json, not {content_type}.")
@@ -301,16 +338,39 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is larger than {limit} bytes.")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.")
-        parts.append(part)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise APIError(413, f"Request body is larger than {limit} bytes.")
+                parts.append(part)
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; the metrics count it as the client's doing
+        raise APIError(CLIENT_CLOSED, "The client closed the connection while sending the request.") from None
     return b"".join(parts)
 
 
+# Fields the gateway reads itself, with the JSON type it reads them as. vLLM's pydantic models coerce
+# ("stream": "true" or 1 streams; "n": "2" gives two choices), so without this the gateway and the engine
+# could disagree about a request: a stream the gateway did not ask usage for escapes token accounting.
+STRICT_TYPES: dict[str, tuple[type, str]] = {"stream": (bool, "a boolean"), "stream_options": (dict, "an object"),
+                                             "n": (int, "an integer")}
+STRICT_OPTIONS = ("include_usage", "continuous_usage_stats")
+
+
 def check_shape(route: Route, payload: dict[str, Any], gateway: GatewayConfig) -> None:
-    """What vLLM would not refuse but a serving layer must: unknown fields, too many messages or tools."""
+    """What vLLM would not refuse but a serving layer must: unknown fields, too many messages or tools,
+    fields the gateway reads that are not of their JSON type (STRICT_TYPES; null is absent)."""
+    for field, (kind, name) in STRICT_TYPES.items():
+        value = payload.get(field)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise APIError(400, f"`{field}` must be {name}.", param=field)
+    for option in STRICT_OPTIONS:
+        value = (payload.get("stream_options") or {}).get(option)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(400, f"`stream_options.{option}` must be a boolean.", param=f"stream_options.{option}")
     if gateway.reject_unknown_fields:
         unknown = sorted(set(payload) - known_fields(route))
         if unknown:
@@ -323,13 +383,79 @@ def check_shape(route: Route, payload: dict[str, Any], gateway: GatewayConfig) -
                            code="too_many_items")
 
 
+# JSON the gateway accepts. Python's json takes more than RFC 8259 (NaN, Infinity, numbers that overflow
+# to inf, integers of any size up to the 4300-digit str conversion limit, lone UTF-16 surrogates) and
+# nests as deep as its recursion limit; each of those broke something after parsing (a 500 from a
+# later json.dumps, .encode() or int arithmetic), so they are refused here, once, with a 400.
+MAX_NESTING = 128  # arrays/objects inside each other; JSON schemas of tools and response_format need far less
+INT_RANGE = (-(1 << 63), (1 << 63) - 1)  # no OpenAI parameter is wider (vLLM bounds `seed` to this too)
+_LONG_DIGITS = re.compile(r"\d{19}")  # an integer outside INT_RANGE has at least 19 digits
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object. Raises APIError 400 (invalid_request_error) for anything
+    but strict UTF-8 JSON (RFC 8259) whose numbers are finite floats or integers in INT_RANGE, whose
+    strings are valid Unicode (no lone surrogates), nested at most MAX_NESTING deep, with an object
+    at the top."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"The request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise APIError(400, "The request body is nested too deeply.") from exc
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"The request body is not valid UTF-8: {exc.reason} at byte {exc.start}.") from None
+    hooks: dict[str, Any] = {"parse_constant": _no_constant, "parse_float": _finite_float}
+    if _LONG_DIGITS.search(text):  # only then pay a Python call per integer
+        hooks["parse_int"] = _bounded_int
+    try:
+        payload = json.loads(text, **hooks)
+    except RecursionError:
+        raise APIError(400, f"The request body nests deeper than {MAX_NESTING} levels.") from None
+    except ValueError as exc:  # JSONDecodeError, and the int conversion limit raises a plain ValueError
+        raise APIError(400, f"The request body is not valid JSON: {_short(exc)}") from None
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    if text.count("[") + text.count("{") > MAX_NESTING and _nesting(payload) > MAX_NESTING:
+        raise APIError(400, f"The request body nests deeper than {MAX_NESTING} levels.")
+    if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(payload):
+        raise APIError(400, "The request body has a string with a lone UTF-16 surrogate (not Unicode text).")
     return payload
+
+
+def _short(exc: ValueError) -> str:
+    return str(exc)[:200]
+
+
+def _no_constant(name: str) -> Any:
+    raise APIError(400, f"The request body is not valid JSON: {name} is not a JSON number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise APIError(400, f"The request body has a number out of range: {text[:40]}")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # the length test first: int() of a huge digit string is itself the expensive part
+    if len(text) > 20 or not INT_RANGE[0] <= (value := int(text)) <= INT_RANGE[1]:
+        raise APIError(400, f"The request body has an integer out of range: {text[:40]}")
+    return value
+
+
+def _nesting(value: Any) -> int:
+    """How deep arrays and objects nest in `value` (iterative: no recursion limit to hit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _valid_unicode(payload: dict[str, Any]) -> bool:
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -14,6 +14,7 @@ import serving.gateway.auth as auth
 from serving import cli
 from serving.gateway.auth import create_key, digest
 from serving.engine.fake import FakeEngine
+from serving.gateway.limits import BYTES_PER_TOKEN
 from tests.redis.support import (PROMPT_TOKENS, assert_envelope, chat_body, client_for, make_engines, post_chat,
                                  ratelimit_headers, sdk_for, settle, sse_json, stream_and_hang_up, wait_for)
 
@@ -23,6 +24,13 @@ TOKEN_HEADERS = {f"x-ratelimit-{kind}-tokens" for kind in ("limit", "remaining",
 
 def raw_store(app):
     return app.state.services.store.store
+
+
+def reservation(**fields) -> int:
+    """Tokens reserved at admission for post_chat(**fields): the prompt estimated from the body (as httpx
+    sends it, compact) plus max_tokens."""
+    body = json.dumps(chat_body(**fields), separators=(",", ":")).encode()
+    return len(body) // BYTES_PER_TOKEN + chat_body(**fields)["max_tokens"]
 
 
 def window_tokens(redis_client, key: str) -> int:
@@ -68,7 +76,7 @@ async def test_only_the_configured_limits_have_headers(gateway) -> None:
     async with client_for(app, tpm_only) as client:
         response = await post_chat(client)
         assert set(ratelimit_headers(response)) == TOKEN_HEADERS
-        assert response.headers["x-ratelimit-remaining-tokens"] == "500"
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(500 - reservation())  # reserved
     async with client_for(app, unlimited) as client:
         response = await post_chat(client)
         assert response.status_code == 200 and ratelimit_headers(response) == {}
@@ -122,8 +130,10 @@ async def test_openai_sdk_retries_429_and_succeeds(gateway) -> None:
 
 async def test_tpm_counts_real_prompt_and_completion_tokens(gateway, redis_client) -> None:
     app = gateway(auth={"enabled": True})
-    key, _ = await create_key(raw_store(app), "tokens", tpm=25)
     per_request = PROMPT_TOKENS + 6
+    reserved = reservation(temperature=0.5)  # more than it uses: the body overestimates the prompt
+    tpm = 2 * per_request + reserved  # room for three requests' usage, not a fourth's reservation
+    key, _ = await create_key(raw_store(app), "tokens", tpm=tpm)
     remaining = []
     async with client_for(app, key) as client:
         for _ in range(3):
@@ -132,12 +142,12 @@ async def test_tpm_counts_real_prompt_and_completion_tokens(gateway, redis_clien
             remaining.append(int(response.headers["x-ratelimit-remaining-tokens"]))
             await settle(app)
         refused = await post_chat(client, temperature=0.5)
-    # the headers of a request show the tokens counted before it
-    assert remaining == [25, 25 - per_request, 25 - 2 * per_request]
+    # the headers of a request show the tokens counted before it and its own reservation
+    assert remaining == [tpm - reserved, tpm - per_request - reserved, tpm - 2 * per_request - reserved]
     assert window_tokens(redis_client, key) == 3 * per_request
     error = assert_envelope(refused, 429, code="rate_limit_exceeded")
-    assert "TPM" in error["message"] and f"Used {3 * per_request}" in error["message"]
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "TPM" in error["message"] and f"Used {3 * per_request}, Requested {reserved}" in error["message"]
+    assert refused.headers["x-ratelimit-remaining-tokens"] == str(tpm - 3 * per_request)  # < its reservation
     assert 1 <= int(refused.headers["retry-after"]) <= 60
 
 
@@ -234,7 +244,7 @@ async def test_cache_hit_does_not_count_tokens(gateway, redis_client) -> None:
         await settle(app)
     assert [r.headers["x-cache"] for r in (miss, hit, stream_hit)] == ["miss", "hit", "hit"]
     assert window_tokens(redis_client, key) == PROMPT_TOKENS + 6
-    assert hit.headers["x-ratelimit-remaining-tokens"] == str(1000 - PROMPT_TOKENS - 6)
+    assert hit.headers["x-ratelimit-remaining-tokens"] == str(1000 - PROMPT_TOKENS - 6 - reservation())
     usage = await raw_store(app).usage_get(digest(key))
     (day,) = usage
     assert usage[day]["tiny"]["requests"] == 3

@@ -56,46 +56,89 @@ async def test_keys_put_get_list_delete(store) -> None:
     assert await store.key_list() == {"d2": b}
 
 
+async def admit(store, subject: str, *, rpm: int = 0, tpm: int = 0, window: int = 60, reserve: int = 0,
+                cap: int = 0, lease: str = "lease", lease_s: float = 30):
+    return await store.admit(subject, lease, rpm=rpm, tpm=tpm, reserve=reserve, max_concurrent=cap, window_s=window,
+                             lease_s=lease_s)
+
+
+async def use(store, subject: str, tokens: int, window: int = 60) -> None:
+    """Tokens used by a request admitted without a reservation."""
+    await store.release(subject, "", bucket=0, reserved=0, used=tokens, window_s=window)
+
+
 async def test_rate_check_sliding_window(store) -> None:
     # 3 requests per 2-second window
-    results = [await store.rate_check("s", 3, 0, 2) for _ in range(3)]
-    assert [r[0] for r in results] == [True, True, True]
-    assert [r[1] for r in results] == [1, 2, 3]
+    results = [await admit(store, "s", rpm=3, window=2) for _ in range(3)]
+    assert [r.refused for r in results] == [None, None, None]
+    assert [r.requests for r in results] == [1, 2, 3]
     refused_at = time.monotonic()
-    admitted, requests, tokens, reset = await store.rate_check("s", 3, 0, 2)
-    assert (admitted, requests, tokens) == (False, 3, 0)
-    assert 0 < reset <= 2  # seconds until the oldest (per-second) bucket leaves the window
+    result = await admit(store, "s", rpm=3, window=2)
+    assert (result.refused, result.requests, result.tokens) == ("requests", 3, 0)
+    assert 0 < result.reset_s <= 2  # seconds until the oldest (per-second) bucket leaves the window
+    reset = result.reset_s
     # a refusal does not take a slot: still refused, still 3 counted
-    assert (await store.rate_check("s", 3, 0, 2))[:2] == (False, 3)
+    assert (await admit(store, "s", rpm=3, window=2)).requests == 3
     # another subject is counted apart
-    assert (await store.rate_check("other", 3, 0, 2))[:2] == (True, 1)
-    while not (result := await store.rate_check("s", 3, 0, 2))[0]:
+    assert (await admit(store, "other", rpm=3, window=2)).requests == 1
+    while (result := await admit(store, "s", rpm=3, window=2)).refused:
         assert time.monotonic() - refused_at < reset + 0.5, "still refused after Retry-After"
         await asyncio.sleep(0.05)
     waited = time.monotonic() - refused_at
     assert reset - 1.05 <= waited <= reset + 0.5  # buckets are whole seconds
-    assert result[1] == 1  # the window moved past all three
+    assert result.requests == 1  # the window moved past all three
 
 
 async def test_tokens_count_against_tpm(store) -> None:
-    assert await store.rate_check("s", 0, 100, 60) == (True, 1, 0, 60.0)
-    await store.tokens_add("s", 60, 60)
-    admitted, requests, tokens, _ = await store.rate_check("s", 0, 100, 60)
-    assert (admitted, requests, tokens) == (True, 2, 60)
-    await store.tokens_add("s", 40, 60)
-    admitted, requests, tokens, reset = await store.rate_check("s", 0, 100, 60)
-    assert (admitted, requests, tokens) == (False, 2, 100)
-    assert 58 <= reset <= 60
+    first = await admit(store, "s", tpm=100)
+    assert (first.refused, first.requests, first.tokens, first.reset_s) == (None, 1, 0, 60.0)
+    await use(store, "s", 60)
+    result = await admit(store, "s", tpm=100)
+    assert (result.refused, result.requests, result.tokens) == (None, 2, 60)
+    await use(store, "s", 40)
+    result = await admit(store, "s", tpm=100)
+    assert (result.refused, result.requests, result.tokens) == ("tokens", 2, 100)
+    assert 58 <= result.reset_s <= 60
     # an RPM limit alone does not look at tokens
-    assert (await store.rate_check("s", 10, 0, 60))[:3] == (True, 3, 100)
+    result = await admit(store, "s", rpm=10)
+    assert (result.refused, result.requests, result.tokens) == (None, 3, 100)
 
 
 async def test_tokens_leave_the_window(store) -> None:
-    await store.tokens_add("s", 50, 1)
-    assert (await store.rate_check("s", 0, 50, 1))[0] is False
+    await use(store, "s", 50, window=1)
+    assert (await admit(store, "s", tpm=50, window=1)).refused == "tokens"
     await asyncio.sleep(1.05)
-    admitted, _, tokens, _ = await store.rate_check("s", 0, 50, 1)
-    assert admitted and tokens == 0
+    result = await admit(store, "s", tpm=50, window=1)
+    assert result.refused is None and result.tokens == 0
+
+
+async def test_reservations_count_until_settled(store) -> None:
+    """A reservation counts against TPM from admission; its release replaces it by what was used."""
+    first = await admit(store, "s", tpm=100, reserve=70, lease="a")
+    assert (first.refused, first.tokens) == (None, 70)
+    second = await admit(store, "s", tpm=100, reserve=40, lease="b")  # 70 + 40 would overshoot 100
+    assert (second.refused, second.tokens) == ("tokens", 70)
+    assert (await admit(store, "s", tpm=100, reserve=30, lease="c")).tokens == 100  # exactly fits
+    await store.release("s", "a", bucket=first.bucket, reserved=70, used=12, window_s=60)
+    assert (await admit(store, "s", tpm=100, reserve=0)).tokens == 30 + 12
+    await store.release("s", "x", bucket=first.bucket, reserved=30, used=0, window_s=60)  # refunded
+    assert (await admit(store, "s", tpm=100, reserve=0)).tokens == 12
+
+
+async def test_concurrency_leases(store) -> None:
+    held = [await admit(store, "s", cap=2, lease=name) for name in ("a", "b")]
+    assert [r.in_flight for r in held] == [1, 2]
+    refused = await admit(store, "s", cap=2, rpm=100, lease="c")
+    assert (refused.refused, refused.in_flight, refused.requests) == ("concurrent", 2, 2)  # refusal counts nothing
+    await store.release("s", "a", bucket=0, reserved=0, used=0, window_s=60)
+    assert (await admit(store, "s", cap=2, lease="c")).in_flight == 2
+    assert (await admit(store, "other", cap=2, lease="a")).in_flight == 1  # per subject
+    # a lease nobody released (its gateway died) frees its slot when it expires
+    await store.release("s", "b", bucket=0, reserved=0, used=0, window_s=60)
+    await admit(store, "s", cap=2, lease="short", lease_s=0.2)
+    assert (await admit(store, "s", cap=2, lease="d")).refused == "concurrent"
+    await asyncio.sleep(0.3)
+    assert (await admit(store, "s", cap=2, lease="d")).in_flight == 2
 
 
 async def test_usage_by_day_and_model(store) -> None:
@@ -118,24 +161,24 @@ async def test_concurrent_rate_checks_admit_exactly_n(redis_url) -> None:
     n = 20
     replicas = [RedisStore(redis_url, prefix=PREFIX), RedisStore(redis_url, prefix=PREFIX)]
     try:
-        results = await asyncio.gather(*(replicas[i % 2].rate_check("hot", n, 0, 60) for i in range(3 * n)))
+        results = await asyncio.gather(*(admit(replicas[i % 2], "hot", rpm=n) for i in range(3 * n)))
     finally:
         for replica in replicas:
             await replica.close()
-    admitted = [r for r in results if r[0]]
+    admitted = [r for r in results if r.refused is None]
     assert len(admitted) == n
-    assert sorted(r[1] for r in admitted) == list(range(1, n + 1))  # each admission saw its own count
-    assert all(r[1] == n for r in results if not r[0])
+    assert sorted(r.requests for r in admitted) == list(range(1, n + 1))  # each admission saw its own count
+    assert all(r.requests == n for r in results if r.refused)
 
 
 async def test_redis_rate_windows_expire(redis_url, redis_client) -> None:
     """The windows' hashes carry a TTL: counters of keys no longer used do not stay in Redis."""
     store = RedisStore(redis_url, prefix=PREFIX)
     try:
-        await store.rate_check("s", 5, 5, 30)
-        await store.tokens_add("s", 3, 30)
+        await admit(store, "s", rpm=5, tpm=5, reserve=2, cap=3, window=30, lease_s=20)
+        await use(store, "s", 3, window=30)
     finally:
         await store.close()
     keys = sorted(k.decode() for k in redis_client.keys(f"{PREFIX}rl:*"))
-    assert keys == [f"{PREFIX}rl:req:s", f"{PREFIX}rl:tok:s"]
+    assert keys == [f"{PREFIX}rl:lease:s", f"{PREFIX}rl:req:s", f"{PREFIX}rl:tok:s"]
     assert all(0 < redis_client.ttl(k) <= 31 for k in keys)
