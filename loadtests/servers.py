@@ -200,7 +200,8 @@ def cpu_seconds(sid: int) -> dict[str, float]:
 
 def with_bench_key(data: dict[str, Any]) -> dict[str, Any]:
     """A configuration with the benchmark's API key: the platform is measured with auth on, as deployed."""
-    return {**data, "auth": {"enabled": True, "keys": [{"name": "bench", "key": BENCH_KEY}]}}
+    # one key stands for every simulated user: no per-key concurrency cap below the benchmark's concurrency
+    return {**data, "auth": {"enabled": True, "keys": [{"name": "bench", "key": BENCH_KEY, "max_concurrent": 100_000}]}}
 
 
 def fake_config(port: int) -> Any:
@@ -225,7 +226,7 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serving.app import deploy, logical_cpus_needed
+    from serving.app import deploy, local_resources, logical_cpus_needed
 
     import serving.cli
 
@@ -234,7 +235,8 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
         os.environ.setdefault(name, value)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)), include_dashboard=False,
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)),
+             resources=local_resources(config), include_dashboard=False,
              namespace="serving-bench")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -98,11 +98,14 @@ def gateway_deployment_options(config: ServingConfig) -> dict[str, Any]:
     `graceful_shutdown_timeout_s`, which therefore covers the draining period plus
     `gateway.shutdown_grace_s` (Ray's default of 20 s is shorter than its own 30 s draining period,
     which cut the streams of every replaced gateway)."""
+    actor: dict[str, Any] = {"num_cpus": config.gateway.cpus}
+    if config.gateway.ray_resource:
+        actor["resources"] = {config.gateway.ray_resource: 1}
     return {
         "name": "gateway",
         "num_replicas": config.gateway.replicas,
         "max_ongoing_requests": config.gateway.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": config.gateway.cpus},
+        "ray_actor_options": actor,
         "graceful_shutdown_wait_loop_s": 0.5,
         "graceful_shutdown_timeout_s": raycompat.ingress_draining_period_s() + config.gateway.shutdown_grace_s,
     }
@@ -257,6 +260,17 @@ def gateway_builder(args: dict[str, Any]):
 def model_builder(args: dict[str, Any]):
     """Entry point for Ray Serve config files: one model's application (args: the model's entry)."""
     return build_model_app(ModelConfig.model_validate(dict(args)))
+
+
+# A local Ray advertises this many units of `gateway.ray_resource`: its one node is where gateways go,
+# however many replicas a later change asks for.
+LOCAL_GATEWAY_RESOURCE_UNITS = 10_000
+
+
+def local_resources(config: ServingConfig) -> dict[str, float]:
+    """Custom resources a local Ray (one node) is started with for the configuration."""
+    name = config.gateway.ray_resource
+    return {name: LOCAL_GATEWAY_RESOURCE_UNITS} if name else {}
 
 
 def logical_cpus_needed(config: ServingConfig) -> float:

@@ -7,14 +7,23 @@ Three sources, all through the Kubernetes API server (one kubeconfig, nothing el
   (serving.app:model_builder, named like its one deployment, `model-<name>`);
 - the Ray pods of its clusters: how many are Ready per group, and why the others are not;
 - Ray Serve's REST API on the head, through the API server's service proxy: each application's
-  deployments, their replicas and the replicas' states. Optional: without RBAC for services/proxy
-  (or when a NetworkPolicy keeps the API server out) the report says so and shows target counts
-  from the spec instead.
+  deployments, their replicas and the replicas' states. With Ray's token auth (the RayService's
+  spec.rayClusterConfig.authOptions.mode: token) the dashboard answers 401 without the token, so
+  the proxied request carries `x-ray-authorization: Bearer <token>`, the token being key
+  `auth_token` of the Secret named by authOptions.secretName (KubeRay's own Secret, named like the
+  active RayCluster, when no name is given); `Authorization` carries the Kubernetes credentials and
+  the API server does not pass it on. The token is sent to the API server only, never printed.
+  Optional: without RBAC for services/proxy or for get on that Secret (or when the Secret is
+  missing, or a NetworkPolicy keeps the API server out) the report says so
+  (`replicas_source`: "spec (Ray Serve API unavailable: cannot read Secret X: 403 Forbidden)")
+  and shows target counts from the spec instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import sys
 from typing import Any
@@ -26,6 +35,10 @@ GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 GATEWAY_IMPORT_PATH = "serving.app:gateway_builder"
 MODEL_IMPORT_PATH = "serving.app:model_builder"
 GATEWAY_DEPLOYMENT = "gateway"
+# Ray's dashboard reads its token from this header when `Authorization` is absent (Ray's
+# http_token_authentication; KubeRay sends it the same way); `Authorization` is the API server's own
+RAY_AUTH_HEADER = "x-ray-authorization"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads in the authOptions Secret
 
 
 def add_status_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -93,7 +106,7 @@ def collect_status(api_client, namespace: str, name: str | None = None) -> dict[
     conditions = {c["type"]: c for c in st.get("conditions", [])}
     apps = _apps_of(rayservice)
     active, pending = st.get("activeServiceStatus") or {}, st.get("pendingServiceStatus") or {}
-    serve, serve_error = _serve_details(client.CoreV1Api(api_client), namespace, name)
+    serve, serve_error = _serve_details(client.CoreV1Api(api_client), namespace, rayservice)
     deployments = _deployments(apps, active, serve)
     ready_condition = conditions.get("Ready", {})
     service_ready = ready_condition.get("status") == "True" if ready_condition else st.get("serviceStatus") == "Running"
@@ -191,10 +204,22 @@ def _deployments(apps: list[tuple[str, str | None, dict[str, Any]]], active: dic
     return out
 
 
-def _serve_details(core, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
-    """Ray Serve's REST API (/api/serve/applications/) on the head, via the API server's service proxy."""
+class _RayServeUnavailable(Exception):
+    """Why Ray Serve's REST API cannot be asked (the report's reason; never holds the token)."""
+
+
+def _serve_details(core, namespace: str, rayservice: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """Ray Serve's REST API (/api/serve/applications/) on the head, via the API server's service proxy.
+
+    Returns (the Serve details, "") or (None, why not: e.g. "403 Forbidden" or
+    "cannot read Secret serving-ray-token: 403 Forbidden")."""
     from kubernetes.client.exceptions import ApiException
 
+    try:
+        headers = _ray_auth_headers(core, namespace, rayservice)
+    except _RayServeUnavailable as exc:
+        return None, str(exc)
+    name = rayservice["metadata"]["name"]
     configuration = core.api_client.configuration
     saved = configuration.safe_chars_for_path_param
     # the proxied path keeps its slashes (the client would send api%2Fserve%2F...), as kubectl does
@@ -202,7 +227,8 @@ def _serve_details(core, namespace: str, name: str) -> tuple[dict[str, Any] | No
     try:
         # _preload_content=False: the client would otherwise turn the JSON body into a Python repr
         response = core.connect_get_namespaced_service_proxy_with_path(
-            f"{name}-head-svc:dashboard", namespace, "api/serve/applications/", _preload_content=False)
+            f"{name}-head-svc:dashboard", namespace, "api/serve/applications/",
+            _preload_content=False, _headers=headers)
         return json.loads(response.data), ""
     except ApiException as exc:
         return None, f"{exc.status} {exc.reason}"
@@ -210,6 +236,46 @@ def _serve_details(core, namespace: str, name: str) -> tuple[dict[str, Any] | No
         return None, str(exc)
     finally:
         configuration.safe_chars_for_path_param = saved
+
+
+def _ray_token_secret(rayservice: dict[str, Any]) -> str | None:
+    """The Secret holding Ray's token, or None when token auth is off (authOptions absent or
+    mode disabled). Without secretName KubeRay generates one named like the RayCluster."""
+    options = ((rayservice.get("spec") or {}).get("rayClusterConfig") or {}).get("authOptions") or {}
+    if options.get("mode") != "token":
+        return None
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    secret = options.get("secretName") or active.get("rayClusterName")
+    if not secret:
+        raise _RayServeUnavailable("token auth is on but there is no authOptions.secretName and no active cluster")
+    return secret
+
+
+def _ray_auth_headers(core, namespace: str, rayservice: dict[str, Any]) -> dict[str, str]:
+    """{x-ray-authorization: Bearer <token>} from the token Secret, {} without token auth.
+
+    Raises _RayServeUnavailable when the Secret cannot be read (RBAC, missing) or holds no token."""
+    from kubernetes.client.exceptions import ApiException
+
+    secret_name = _ray_token_secret(rayservice)
+    if secret_name is None:
+        return {}
+    try:
+        secret = core.read_namespaced_secret(secret_name, namespace)
+    except ApiException as exc:
+        raise _RayServeUnavailable(f"cannot read Secret {secret_name}: {exc.status} {exc.reason}") from None
+    encoded = (secret.data or {}).get(RAY_TOKEN_KEY)
+    if not encoded:
+        raise _RayServeUnavailable(f"Secret {secret_name} has no {RAY_TOKEN_KEY}")
+    try:
+        # strip: a token file created with a trailing newline (kubectl create secret --from-file)
+        token = base64.b64decode(encoded, validate=True).decode().strip()
+    except (binascii.Error, UnicodeDecodeError):
+        # from None and a message of our own: the decoding errors quote the secret's bytes
+        raise _RayServeUnavailable(f"Secret {secret_name}: {RAY_TOKEN_KEY} is not base64 of text") from None
+    if not token:
+        raise _RayServeUnavailable(f"Secret {secret_name} has no {RAY_TOKEN_KEY}")
+    return {RAY_AUTH_HEADER: f"Bearer {token}"}
 
 
 def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: str,

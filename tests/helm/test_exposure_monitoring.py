@@ -21,7 +21,8 @@ RAY_PODS = {"app.kubernetes.io/name": "serving", "app.kubernetes.io/instance": R
 
 def test_optional_pieces_are_off_by_default():
     kinds = {o["kind"] for o in scenario_objects("default")}
-    assert kinds == {"RayService", "Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Pod"}
+    # NetworkPolicies are on by default (tests/helm/test_security.py)
+    assert kinds == {"RayService", "Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Pod", "NetworkPolicy"}
 
 
 def test_the_gateway_service_is_kuberays_serve_service():
@@ -62,14 +63,16 @@ def test_network_policies_open_only_the_gateway_and_keep_redis_to_ray():
     rules = ray["spec"]["ingress"]
     assert rules[0] == {"from": [{"podSelector": {"matchLabels": RAY_PODS}}]}  # Ray to Ray, any port
     assert rules[1]["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert rules[1]["ports"] == [{"port": 8265, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]
     gateway = next(r for r in rules if r.get("ports") == [{"port": 8000, "protocol": "TCP"}])
     peers = gateway["from"]
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
     assert {"podSelector": {"matchLabels": {**RAY_PODS, "app.kubernetes.io/component": "test"}}} in peers
-    ports = sorted(p["port"] for r in rules for p in r.get("ports", []))
+    ports = sorted(p["port"] for r in rules[2:] for p in r.get("ports", []))
     assert ports == [8000, 8080, 8265]  # gateway, metrics, dashboard (dashboardFrom) — nothing else from outside
     redis = one(objects, "NetworkPolicy", "-redis")
-    assert redis["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": RAY_PODS}}],
+    heads = [{"key": "ray.io/node-type", "operator": "In", "values": ["head", "redis-cleanup"]}]
+    assert redis["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": RAY_PODS, "matchExpressions": heads}}],
                                          "ports": [{"port": 6379, "protocol": "TCP"}]}]
 
 

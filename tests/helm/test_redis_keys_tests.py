@@ -51,7 +51,7 @@ def test_external_redis_replaces_the_bundled_one():
     assert env["SERVING_REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
     assert env["SERVING_AUTH__KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "serving-api-keys", "key": "keys.json"}
     ft = one(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
-    assert ft == {"redisAddress": "redis.example.internal:6380",
+    assert ft == {"redisAddress": "rediss://redis.example.internal:6380",  # TLS stays TLS for Ray's GCS
                   "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "redis-password"}}}}
 
 

@@ -1,8 +1,10 @@
 """`serving status` against a local fake of the Kubernetes API server.
 
 The fake is a real HTTP server on 127.0.0.1 answering the REST paths the official `kubernetes`
-client calls (the RayService custom object, pods, the service proxy to Ray Serve's REST API);
-the client is configured by a kubeconfig file, exactly as for a real cluster. The RayService is
+client calls (the RayService custom object, pods, Secrets, the service proxy to Ray Serve's REST
+API); the client is configured by a kubeconfig file, exactly as for a real cluster. Behind the
+proxy the fake head checks Ray's token as Ray's dashboard does (401 without it, 403 for a wrong
+one), and like the API server it does not pass the Kubernetes `Authorization` header on. The RayService is
 the chart's own rendering (deploy/rayservice-example.yaml: the gateways' application `serving` and
 one application per model) with a status shaped like KubeRay's, checked against KubeRay's CRD; the
 Serve details are checked against Ray's own schema.
@@ -11,8 +13,10 @@ Serve details are checked against Ray's own schema.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
+import logging
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +29,9 @@ from serving.k8s import add_status_parser, run_status
 
 ROOT = Path(__file__).resolve().parents[2]
 NS, NAME, TOKEN = "serving", "serving", "test-token"
+# Ray's token (the chart's <fullname>-ray-token Secret, key auth_token) and the header Ray reads it from
+RAY_SECRET, RAY_TOKEN = "serving-ray-token", "rAy-t0ken-4d3f9a6b1c0e8f7a2b5d4c3e1f0a9b8c7d6e5f4a"
+RAY_AUTH_HEADER = "x-ray-authorization"
 ACTIVE, PENDING = "serving-raycluster-abcde", "serving-raycluster-fghij"
 # the example's applications: the gateways', then one per model (named like its one deployment)
 GATEWAYS, CHAT, EMBED = "serving", "model-demo-chat", "model-all-minilm-l6-v2"
@@ -104,15 +111,24 @@ def pod(name: str, cluster: str, group: str, ready: bool = True, unschedulable: 
             "status": {"phase": "Running" if ready else "Pending", "conditions": conditions}}
 
 
+def secret(name: str, data: dict[str, str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "type": "Opaque",
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
 class FakeKubernetes:
     """The handful of Kubernetes REST paths `serving status` uses, with bearer-token auth."""
 
     def __init__(self):
         self.rayservices: dict[str, dict] = {}
         self.pods: list[dict] = []
+        self.secrets: dict[str, dict] = {}
+        self.secret_error: int | None = None  # e.g. 403: no RBAC to get Secrets
         self.serve: dict[str, dict] = {}  # service proxy name ("<svc>:<port>") -> Serve details
+        self.ray_token: str | None = RAY_TOKEN  # the token the head's dashboard wants; None: auth off
         self.proxy_error: int | None = None
         self.requests: list[str] = []
+        self.proxied_headers: list[dict[str, str]] = []  # what reached the head, lower-case names
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -125,7 +141,7 @@ class FakeKubernetes:
                     return self._send(401, _status(401, "Unauthorized"))
                 url = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(url.query)
-                code, body = fake.route(url.path, query)
+                code, body = fake.route(url.path, query, self.headers)
                 self._send(code, body)
 
             def _send(self, code, body):
@@ -143,7 +159,7 @@ class FakeKubernetes:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def route(self, path: str, query: dict) -> tuple[int, dict]:
+    def route(self, path: str, query: dict, headers) -> tuple[int, dict]:
         # like the API server: %-escapes in a path segment (e.g. "svc%3Aport") are decoded
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
         if parts[:5] == ["apis", "ray.io", "v1", "namespaces", NS] and parts[5:6] == ["rayservices"]:
@@ -157,13 +173,37 @@ class FakeKubernetes:
             selector = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
             items = [p for p in self.pods if selector.items() <= p["metadata"]["labels"].items()]
             return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
+        if parts[:4] == ["api", "v1", "namespaces", NS] and parts[4:5] == ["secrets"] and len(parts) == 6:
+            if self.secret_error:
+                return self.secret_error, _status(self.secret_error, "Forbidden")
+            if parts[5] in self.secrets:
+                return 200, self.secrets[parts[5]]
+            return 404, _status(404, "NotFound", f'secrets "{parts[5]}" not found')
         if parts[:4] == ["api", "v1", "namespaces", NS] and parts[4:5] == ["services"] and parts[6:7] == ["proxy"]:
             if self.proxy_error:
                 return self.proxy_error, _status(self.proxy_error, "Forbidden")
+            # the API server keeps its own credentials: the head never sees Authorization
+            forwarded = {k.lower(): v for k, v in headers.items() if k.lower() != "authorization"}
+            self.proxied_headers.append(forwarded)
+            refused = self.ray_refuses(forwarded)
+            if refused:
+                return refused
             if parts[5] in self.serve and "/".join(parts[7:]) == "api/serve/applications":
                 return 200, self.serve[parts[5]]
             return 503, _status(503, "ServiceUnavailable")
         return 404, _status(404, "NotFound")
+
+    def ray_refuses(self, headers: dict[str, str]) -> tuple[int, dict] | None:
+        """Ray's dashboard with token auth (http_token_authentication): Authorization, else
+        x-ray-authorization; none -> 401, a wrong one -> 403; with auth off anything passes."""
+        if self.ray_token is None:
+            return None
+        sent = headers.get("authorization") or headers.get(RAY_AUTH_HEADER)
+        if not sent:
+            return 401, {"error": "Unauthorized: Missing authentication token"}
+        if sent != f"Bearer {self.ray_token}":
+            return 403, {"error": "Forbidden: Invalid authentication token"}
+        return None
 
 
 def _status(code: int, reason: str, message: str = "") -> dict:
@@ -205,6 +245,7 @@ def serve_healthy(fake: FakeKubernetes, **status) -> None:
     fake.rayservices[NAME] = rayservice
     fake.pods = [pod("serving-head-x", ACTIVE, "headgroup"), pod("serving-cpu-y", ACTIVE, "cpu")]
     fake.serve[f"{NAME}-head-svc:dashboard"] = serve_details()
+    fake.secrets[RAY_SECRET] = secret(RAY_SECRET, {"auth_token": RAY_TOKEN})
 
 
 def test_fixtures_have_the_shapes_kuberay_and_ray_produce():
@@ -221,6 +262,9 @@ def test_fixtures_have_the_shapes_kuberay_and_ray_produce():
     # the fixtures name the example's applications, which serving.app's entry points build
     from serving import app as serving_app, k8s
 
+    # the chart turns Ray's token auth on and names its Secret, which the fake serves
+    auth_options = example_rayservice()["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth_options == {"mode": "token", "secretName": RAY_SECRET}
     apps = yaml.safe_load(example_rayservice()["spec"]["serveConfigV2"])["applications"]
     assert tuple(app["name"] for app in apps) == APPS
     assert [app["import_path"] for app in apps] == [
@@ -355,3 +399,74 @@ def test_no_kubeconfig_and_no_cluster_is_an_error(tmp_path, monkeypatch, capsys)
     add_status_parser(parser.add_subparsers(dest="command", required=True))
     assert run_status(parser.parse_args(["status"])) == 2
     assert "no usable kubeconfig" in capsys.readouterr().err
+
+
+# Ray's token auth: the dashboard behind the service proxy wants the token
+
+
+def test_the_ray_token_is_sent_and_the_replicas_are_read(fake, kubeconfig, capsys, caplog):
+    caplog.set_level(logging.DEBUG)  # the kubernetes client and urllib3 log at debug: not the token either
+    serve_healthy(fake)
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 0
+    captured = capsys.readouterr()
+    status = json.loads(captured.out)
+    assert status["replicas_source"] == "ray-serve"
+    assert {d["model"]: d["replicas_running"] for d in status["deployments"]} == {
+        "(gateway)": 1, "demo-chat": 1, "all-minilm-l6-v2": 2}
+    assert f"/api/v1/namespaces/{NS}/secrets/{RAY_SECRET}" in fake.requests
+    assert [h.get(RAY_AUTH_HEADER) for h in fake.proxied_headers] == [f"Bearer {RAY_TOKEN}"]
+    for text in (captured.out, captured.err, caplog.text):
+        assert RAY_TOKEN not in text
+
+
+def test_a_wrong_token_is_refused_and_not_printed(fake, kubeconfig, capsys):
+    serve_healthy(fake)
+    fake.ray_token = "the-token-the-head-really-has"
+    assert run_status(status_cli(kubeconfig)) == 0  # KubeRay's statuses still say healthy
+    captured = capsys.readouterr()
+    assert "replicas from spec (Ray Serve API unavailable: 403 Forbidden)" in captured.out
+    assert RAY_TOKEN not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("setup, reason", [
+    (lambda fake: setattr(fake, "secret_error", 403), f"cannot read Secret {RAY_SECRET}: 403 Forbidden"),
+    (lambda fake: fake.secrets.clear(), f"cannot read Secret {RAY_SECRET}: 404 Not Found"),
+    (lambda fake: fake.secrets.update({RAY_SECRET: secret(RAY_SECRET, {"other": "x"})}),
+     f"Secret {RAY_SECRET} has no auth_token"),
+    (lambda fake: fake.secrets[RAY_SECRET]["data"].update(auth_token="%%not base64%%"),
+     f"Secret {RAY_SECRET}: auth_token is not base64 of text"),
+])
+def test_without_the_token_secret_the_spec_is_used_with_the_reason(fake, kubeconfig, capsys, setup, reason):
+    serve_healthy(fake, chat_app="DEPLOYING", chat_status="UPDATING")
+    setup(fake)
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 1
+    status = json.loads(capsys.readouterr().out)
+    assert status["replicas_source"] == f"spec (Ray Serve API unavailable: {reason})"
+    by_model = {d["model"]: d for d in status["deployments"]}
+    assert by_model["demo-chat"]["replicas_running"] is None and by_model["demo-chat"]["replicas_target"] == "1"
+    assert (by_model["demo-chat"]["status"], by_model["all-minilm-l6-v2"]["status"]) == ("UPDATING", "HEALTHY")
+    assert fake.proxied_headers == []  # no tokenless request the head would refuse anyway
+
+
+@pytest.mark.parametrize("auth_options", [None, {"mode": "disabled"}])
+def test_with_token_auth_off_no_secret_is_read_and_no_header_sent(fake, kubeconfig, capsys, auth_options):
+    serve_healthy(fake)
+    fake.ray_token = None
+    cluster = fake.rayservices[NAME]["spec"]["rayClusterConfig"]
+    cluster.pop("authOptions")
+    if auth_options:
+        cluster["authOptions"] = auth_options
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 0
+    assert json.loads(capsys.readouterr().out)["replicas_source"] == "ray-serve"
+    assert not [r for r in fake.requests if "/secrets/" in r]
+    assert len(fake.proxied_headers) == 1 and RAY_AUTH_HEADER not in fake.proxied_headers[0]
+
+
+def test_token_auth_without_a_secret_name_uses_kuberays_secret(fake, kubeconfig, capsys):
+    """KubeRay generates the Secret, named like the RayCluster, when authOptions names none."""
+    serve_healthy(fake)
+    del fake.rayservices[NAME]["spec"]["rayClusterConfig"]["authOptions"]["secretName"]
+    fake.secrets = {ACTIVE: secret(ACTIVE, {"auth_token": RAY_TOKEN})}
+    assert run_status(status_cli(kubeconfig, "-o", "json")) == 0
+    assert json.loads(capsys.readouterr().out)["replicas_source"] == "ray-serve"
+    assert [h.get(RAY_AUTH_HEADER) for h in fake.proxied_headers] == [f"Bearer {RAY_TOKEN}"]

@@ -90,6 +90,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc:6379" (include "serving.redisName" .) .Release.Namespace -}}
 {{- else -}}
 {{- $rest := regexReplaceAll "^rediss?://([^@/]*@)?" .Values.redis.external.url "" -}}
+{{- /* rediss:// stays: Ray's GCS speaks TLS to Redis only when the address says so */ -}}
+{{- if hasPrefix "rediss://" .Values.redis.external.url }}rediss://{{ end -}}
 {{- regexReplaceAll "/.*$" $rest "" -}}
 {{- end -}}
 {{- end }}
@@ -135,11 +137,26 @@ Whether the gateway gets SERVING_AUTH__KEYS: an existing Secret, chart keys or t
 {{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys .Values.apiKeys.generateTestKey -}}true{{- end -}}
 {{- end }}
 
+{{/* Name of the Secret holding Ray's auth token (key auth_token, as KubeRay reads it). */}}
+{{- define "serving.rayTokenSecretName" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-token" (include "serving.fullname" .)) -}}
+{{- end }}
+
 {{/* ---------------------------------------------------------------- Ray pods */}}
+
+{{/*
+The Ray resource only the head advertises and every gateway replica requests (one unit each), so
+gateways run on the head pod and nowhere else: the head alone gets the gateways' secrets
+(serving.gatewayEnv). serving.app.gateway_deployment_options must request it.
+*/}}
+{{- define "serving.gatewayResource" -}}
+{{- required "gateway.ray_resource must name the Ray resource that keeps the gateways (and their secrets) on the head pod" .Values.gateway.ray_resource -}}
+{{- end }}
 
 {{/*
 Environment of every Ray container. Ray Serve replicas (gateway and models) inherit the raylet's
 environment, so these reach the configuration model as SERVING_* overrides and vLLM as HF_*.
+Secrets only the gateways read are not here but in serving.gatewayEnv (head pod only).
 */}}
 {{- define "serving.rayEnv" -}}
 # Ray Serve's throughput mode, as `serving up` runs it (direct ingress, gRPC between replicas)
@@ -153,6 +170,10 @@ environment, so these reach the configuration model as SERVING_* overrides and v
 # HAProxy on the gateway port forwards straight to the gateway replicas (no Python proxy hop)
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+# a client that stalls (a request head or body sent a byte at a time, an answer it stops reading) is
+# dropped after 30 s instead of HAProxy's hour; answers that take long, streamed or not, are not cut
+- name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+  value: "30"
 {{- end }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.modelCache.mountPath) | quote }}
@@ -167,6 +188,28 @@ environment, so these reach the configuration model as SERVING_* overrides and v
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
+# Ray's token authentication, the same on the head and every worker (a node without the token
+# cannot join a cluster that has it); KubeRay's authOptions names the same Secret
+- name: RAY_AUTH_MODE
+  value: {{ .Values.ray.auth.mode | quote }}
+{{- if eq .Values.ray.auth.mode "token" }}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "serving.rayTokenSecretName" . }}
+      key: auth_token
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment only the gateways read: the Redis address and password and the API keys. Only the head
+pod gets it (gateways run there alone, see serving.gatewayResource): model replicas, which run
+third-party model code, never see a key or the Redis password.
+*/}}
+{{- define "serving.gatewayEnv" -}}
 {{- if .Values.redis.enabled }}
 - name: SERVING_REDIS__URL
   value: {{ include "serving.redisUrl" . | quote }}
@@ -177,6 +220,18 @@ environment, so these reach the configuration model as SERVING_* overrides and v
       name: {{ include "serving.redisSecretName" . }}
       key: {{ include "serving.redisSecretKey" . }}
 {{- end }}
+{{- if include "serving.redisTlsCa" . }}
+# the CA that signed the external Redis's certificate (rediss://)
+- name: SERVING_REDIS__TLS_CA_FILE
+  value: {{ include "serving.redisTlsCa" . | quote }}
+{{- end }}
+{{- if include "serving.redisTlsClient" . }}
+# the client certificate the external Redis asks for
+- name: SERVING_REDIS__TLS_CERT_FILE
+  value: /etc/serving/redis-tls-client/tls.crt
+- name: SERVING_REDIS__TLS_KEY_FILE
+  value: /etc/serving/redis-tls-client/tls.key
+{{- end }}
 {{- end }}
 {{- if include "serving.apiKeysEnabled" . }}
 # the configuration model's auth.keys (JSON list of APIKeySpec)
@@ -186,9 +241,31 @@ environment, so these reach the configuration model as SERVING_* overrides and v
       name: {{ include "serving.apiKeysSecretName" . }}
       key: {{ include "serving.apiKeysSecretKey" . }}
 {{- end }}
-{{- with .Values.env }}
-{{ toYaml . }}
 {{- end }}
+
+{{/*
+TLS files of the external Redis on the head pod: the CA bundle's path ("" when none is mounted) and
+whether a client certificate is. Only with a rediss:// url (the configuration model refuses them
+otherwise).
+*/}}
+{{- define "serving.redisTlsCa" -}}
+{{- if and (include "serving.redisTls" .) .Values.redis.external.tls.caSecret -}}
+/etc/serving/redis-tls/{{ .Values.redis.external.tls.caSecretKey }}
+{{- end -}}
+{{- end }}
+
+{{- define "serving.redisTlsClient" -}}
+{{- if and (include "serving.redisTls" .) .Values.redis.external.tls.clientCertSecret -}}true{{- end -}}
+{{- end }}
+
+{{- define "serving.redisTls" -}}
+{{- $tls := .Values.redis.external.tls -}}
+{{- if and .Values.redis.enabled (or $tls.caSecret $tls.clientCertSecret) -}}
+{{- if not (hasPrefix "rediss://" .Values.redis.external.url) -}}
+{{- fail "redis.external.tls needs redis.external.url to be a rediss:// URL (TLS)" -}}
+{{- end -}}
+true
+{{- end -}}
 {{- end }}
 
 {{/* Volumes of every Ray pod: /dev/shm sized for vLLM and Ray's object store, and the model cache. */}}
