@@ -20,8 +20,10 @@ from serving.config import ConfigError, ServingConfig, dump_config, load_config
 # A replaced gateway replica stays reachable this long while HAProxy takes it out of its backends,
 # then finishes its streams (serving.app.gateway_deployment_options). Ray's default, 30 s, is made
 # for load balancers in front of many nodes; the local HAProxy drops a replica within a second.
+# A client that stalls (a request head or body sent a byte at a time, an answer it stops reading) is
+# dropped by HAProxy after 30 s instead of an hour; answers that take long, streamed or not, are not cut.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5", "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +131,7 @@ def _up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serving.app import deploy, logical_cpus_needed
+    from serving.app import deploy, local_resources, logical_cpus_needed
 
     if args.address:
         ray.init(address=args.address, namespace="serving")
@@ -140,7 +142,8 @@ def _up(args: argparse.Namespace) -> int:
         for line in clear_leftovers(platform_ports(config)):
             print(line, flush=True)
         ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus_needed(config) + 0.999)),
-                 include_dashboard=False, namespace="serving", _metrics_export_port=config.gateway.metrics_port)
+                 resources=local_resources(config), include_dashboard=False, namespace="serving",
+                 _metrics_export_port=config.gateway.metrics_port)
     stop, reload = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())

@@ -57,9 +57,12 @@ def platform_config(demo_dirs, redis_server):
     return load_config(data={
         "models": [chat, second, embed],
         # two gateway replicas: limits and counters must hold across them
-        "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5, "metrics_port": free_port()},
+        # gateways placed by a custom resource, as the chart places them on its head pod
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5, "metrics_port": free_port(),
+                    "ray_resource": "serving_gateway"},
         "redis": {"url": redis_server.url, "timeout_s": 0.2, "retry_interval_s": 0.5},
-        "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY}]},
+        # the suite's one key stands for many clients (the overload tests send 100+ requests at once)
+        "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY, "max_concurrent": 100_000}]},
     }, check_vllm=True)
 
 
@@ -78,12 +81,13 @@ def platform(platform_config, dashboard_port) -> str:
     import ray
     from ray import serve
 
-    from serving.app import logical_cpus_needed, serve_config
+    from serving.app import local_resources, logical_cpus_needed, serve_config
     from serving.cli import RAY_SERVE_ENV
 
     os.environ.update(RAY_SERVE_ENV)  # test the platform as `serving up` and the chart run it
 
-    ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, include_dashboard=True,
+    ray.init(num_cpus=int(logical_cpus_needed(platform_config)) + 1, resources=local_resources(platform_config),
+             include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              namespace="serving-tests", log_to_driver=False,
              _metrics_export_port=platform_config.gateway.metrics_port,

@@ -79,7 +79,7 @@ def test_replica_killed_mid_stream(platform, client):
 
     def not_ready() -> bool:
         nonlocal ready
-        ready = httpx.get(f"{root}/ready", timeout=10)
+        ready = httpx.get(f"{root}/ready", timeout=10, headers=AUTH)  # names only for a key that may see them
         return ready.status_code == 503
 
     assert wait_until(not_ready, timeout=30), ready.text
