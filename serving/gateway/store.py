@@ -4,6 +4,10 @@
 atomic Lua script, so limits hold across replicas). `MemoryStore` keeps it in the process, for local
 use without Redis; it implements the same operations with the same semantics.
 
+In Redis only cache entries carry a key TTL: the bundled Redis runs with maxmemory and volatile-lru, so
+exactly those are evicted under memory pressure, never a key, a rate-limit window, a lease or usage.
+The limits' contents expire inside the scripts instead (see ADMIT); usage is kept for good.
+
 Both are wrapped by `Resilient`: at most `max_concurrency` calls run at once (the others wait up to
 `wait_s` for a turn: a flood of requests queues instead of failing), every call has a short timeout,
 and after a Redis failure calls are skipped for `retry_interval_s` (no request waits on a dead Redis),
@@ -16,10 +20,10 @@ late without Redis being at fault).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
-from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
@@ -73,45 +77,90 @@ class Store(Protocol):
         """The end of an admitted request: its lease is given back, its reservation (counted in `bucket`)
         taken out of the window and the tokens it really `used` counted now."""
         ...
-    async def usage_add(self, subject: str, day: str, model: str, counts: dict[str, int]) -> None: ...
+    async def usage_add(self, subject: str, day: str, model: str, counts: dict[str, int]) -> None:
+        """Add `counts` (name -> amount) to `subject`'s usage of `model` on `day` (YYYY-MM-DD). Kept without
+        expiry (one small hash per key and day); nothing prunes old days."""
+        ...
     async def usage_get(self, subject: str) -> dict[str, dict[str, dict[str, int]]]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
 
-# KEYS: requests hash, tokens hash, leases sorted set. ARGV: rpm, tpm, window, reserve, max_concurrent,
-# lease_s, lease. Buckets are per second (field = epoch second); old buckets are dropped on the way, so
-# memory stays bounded by the window. Leases are scored by their expiry: a gateway that died with
-# requests in flight holds their slots for lease_s at most.
-ADMIT = """
+# Nothing of the limits has a key TTL: the bundled Redis evicts keys with a TTL (volatile-lru) under
+# memory pressure, and only cache entries may go. Their contents expire instead, in the scripts:
+# - buckets are per second (hash field = epoch second) and dropped once out of the window; leases are
+#   scored by their expiry (a gateway that died with requests in flight holds their slots for lease_s
+#   at most) and dropped once expired. Redis deletes a hash or sorted set when its last field goes.
+# - the index (a sorted set: subject -> when its last bucket or lease expires, at least) finds the
+#   subjects nobody calls any more: every admission prunes up to SWEEP of the overdue ones, so their
+#   keys go too and rl:* stays bounded by the subjects active in the last window (or holding leases).
+# The sweep reaches keys by name from ARGV (prefix): these scripts need one Redis, not a cluster (a
+# subject's keys are not hash-tagged either).
+SWEEP = 4
+LIMITS_LIB = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1])
 local precise = now + tonumber(clock[2]) / 1000000
-local rpm, tpm, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserve, cap, lease_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local function total(key)
-  local sum, oldest = 0, nil
-  local buckets = redis.call('HGETALL', key)
-  for i = 1, #buckets, 2 do
-    local t = tonumber(buckets[i])
+-- buckets of hash `key` in the window (the older ones are deleted): their sum, oldest and newest second
+local function buckets(key, window)
+  local sum, oldest, newest = 0, nil, nil
+  local fields = redis.call('HGETALL', key)
+  for i = 1, #fields, 2 do
+    local t = tonumber(fields[i])
     if t <= now - window then
-      redis.call('HDEL', key, buckets[i])
+      redis.call('HDEL', key, fields[i])
     else
-      sum = sum + tonumber(buckets[i + 1])
+      sum = sum + tonumber(fields[i + 1])
       if oldest == nil or t < oldest then oldest = t end
+      if newest == nil or t > newest then newest = t end
     end
   end
-  return sum, oldest
+  return sum, oldest, newest
 end
-local requests, r_oldest = total(KEYS[1])
-local tokens, t_oldest = total(KEYS[2])
-local in_flight = 0
-if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', precise)
-  in_flight = redis.call('ZCARD', KEYS[3])
-  if in_flight >= cap then
-    return {'concurrent', requests, tokens, in_flight, 1, now}
+-- leases of sorted set `key` not yet expired (the others are deleted): how many, the latest expiry
+local function leases(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', precise)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return #last > 0 and redis.call('ZCARD', key) or 0, tonumber(last[2])
+end
+local function latest(a, b)
+  if a == nil or (b ~= nil and b > a) then return b end
+  return a
+end
+-- drop the expired content of `subject`'s keys (keys left empty go with it); index the subject by when
+-- what is left expires, or take it out of the index when nothing is left
+local function settle(index, subject, req, tok, lease, window)
+  local _, _, r_newest = buckets(req, window)
+  local _, _, t_newest = buckets(tok, window)
+  local _, lease_until = leases(lease)
+  local newest = latest(r_newest, t_newest)
+  local expiry = latest(newest and newest + window, lease_until)
+  if expiry then
+    redis.call('ZADD', index, expiry, subject)
+  else
+    redis.call('ZREM', index, subject)
   end
+end
+-- settle up to `limit` subjects whose indexed time has passed
+local function sweep(index, base, window, limit)
+  for _, subject in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', precise, 'LIMIT', 0, limit)) do
+    settle(index, subject, base .. 'req:' .. subject, base .. 'tok:' .. subject, base .. 'lease:' .. subject, window)
+  end
+end
+"""
+
+# KEYS: requests hash, tokens hash, leases sorted set, index. ARGV: rpm, tpm, window, reserve,
+# max_concurrent, lease_s, lease, subject, key prefix of the limits, sweep limit.
+ADMIT = LIMITS_LIB + """
+local rpm, tpm, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reserve, cap, lease_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+sweep(KEYS[4], ARGV[9], window, tonumber(ARGV[10]))
+local requests, r_oldest = buckets(KEYS[1], window)
+local tokens, t_oldest = buckets(KEYS[2], window)
+local in_flight = leases(KEYS[3])
+if cap == 0 then in_flight = 0 end
+if cap > 0 and in_flight >= cap then
+  return {'concurrent', requests, tokens, in_flight, 1, now}
 end
 if rpm > 0 and requests >= rpm then
   return {'requests', requests, tokens, in_flight, (r_oldest or now) + window - now, now}
@@ -120,33 +169,34 @@ if tpm > 0 and (tokens >= tpm or tokens + reserve > tpm) then
   return {'tokens', requests, tokens, in_flight, (t_oldest or now) + window - now, now}
 end
 redis.call('HINCRBY', KEYS[1], now, 1)
-redis.call('EXPIRE', KEYS[1], window + 1)
 if reserve > 0 then
   redis.call('HINCRBY', KEYS[2], now, reserve)
-  redis.call('EXPIRE', KEYS[2], window + 1)
 end
+local expiry = now + window
 if cap > 0 then
   redis.call('ZADD', KEYS[3], precise + lease_s, ARGV[7])
-  redis.call('EXPIRE', KEYS[3], math.ceil(lease_s) + 1)
   in_flight = in_flight + 1
+  expiry = latest(expiry, precise + lease_s)
 end
+-- a subject already indexed keeps its time (the sweep finds the real one then): one write less
+redis.call('ZADD', KEYS[4], 'NX', expiry, ARGV[8])
 return {'', requests + 1, tokens + reserve, in_flight, (r_oldest or now) + window - now, now}
 """
 
-# KEYS: tokens hash, leases sorted set. ARGV: lease, bucket, reserved, used, window.
-RELEASE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
+# KEYS: requests hash, tokens hash, leases sorted set, index. ARGV: lease, bucket, reserved, used,
+# window, subject. The subject is settled after: its index time follows the leases still held.
+RELEASE = LIMITS_LIB + """
+redis.call('ZREM', KEYS[3], ARGV[1])
 local reserved, used = tonumber(ARGV[3]), tonumber(ARGV[4])
-if reserved > 0 and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
-  if redis.call('HINCRBY', KEYS[1], ARGV[2], -reserved) <= 0 then
-    redis.call('HDEL', KEYS[1], ARGV[2])
+if reserved > 0 and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -reserved) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[2])
   end
 end
 if used > 0 then
-  local now = tonumber(redis.call('TIME')[1])
-  redis.call('HINCRBY', KEYS[1], now, used)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]) + 1)
+  redis.call('HINCRBY', KEYS[2], now, used)
 end
+settle(KEYS[4], ARGV[6], KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]))
 return 1
 """
 
@@ -163,6 +213,11 @@ def tls_options(url: str, *, ca_file: str | None = None, cert_file: str | None =
     if cert_file:
         options.update(ssl_certfile=cert_file, ssl_keyfile=key_file)
     return options
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text: the client is made without decode_responses, its types allow both."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisStore:
@@ -186,11 +241,14 @@ class RedisStore:
         self._admit = self._redis.register_script(ADMIT)
         self._release = self._redis.register_script(RELEASE)
 
-    def _limit_keys(self, subject: str) -> tuple[str, str, str]:
-        return f"{self._p}rl:req:{subject}", f"{self._p}rl:tok:{subject}", f"{self._p}rl:lease:{subject}"
+    def _limit_keys(self, subject: str) -> tuple[str, str, str, str]:
+        """Requests hash, tokens hash and leases of `subject`, and the index of all subjects (see ADMIT)."""
+        base = f"{self._p}rl:"
+        return f"{base}req:{subject}", f"{base}tok:{subject}", f"{base}lease:{subject}", f"{base}active"
 
     async def cache_get(self, key: str) -> bytes | None:
-        return await self._redis.get(f"{self._p}cache:{key}")
+        value = await self._redis.get(f"{self._p}cache:{key}")
+        return value.encode() if isinstance(value, str) else value
 
     async def cache_set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self._redis.set(f"{self._p}cache:{key}", value, ex=ttl_s)
@@ -207,34 +265,35 @@ class RedisStore:
 
     async def key_list(self) -> dict[str, dict[str, Any]]:
         raw = await self._redis.hgetall(f"{self._p}keys")
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     async def admit(self, subject: str, lease: str, *, rpm: int, tpm: int, reserve: int, max_concurrent: int,
                     window_s: int, lease_s: float) -> Admitted:
         refused, requests, tokens, in_flight, reset, bucket = await self._admit(
-            keys=list(self._limit_keys(subject)), args=[rpm, tpm, window_s, reserve, max_concurrent, lease_s, lease])
-        return Admitted(refused.decode() or None, int(requests), int(tokens), int(in_flight), float(reset), int(bucket))
+            keys=list(self._limit_keys(subject)),
+            args=[rpm, tpm, window_s, reserve, max_concurrent, lease_s, lease, subject, f"{self._p}rl:", SWEEP])
+        return Admitted(_text(refused) or None, int(requests), int(tokens), int(in_flight), float(reset), int(bucket))
 
     async def release(self, subject: str, lease: str, *, bucket: int, reserved: int, used: int,
                       window_s: int) -> None:
-        _, tokens, leases = self._limit_keys(subject)
-        await self._release(keys=[tokens, leases], args=[lease, bucket, reserved, used, window_s])
+        await self._release(keys=list(self._limit_keys(subject)),
+                            args=[lease, bucket, reserved, used, window_s, subject])
 
     async def usage_add(self, subject: str, day: str, model: str, counts: dict[str, int]) -> None:
+        # no TTL: a key with one may be evicted (volatile-lru), and usage is kept until an operator drops it
         key = f"{self._p}usage:{subject}:{day}"
         async with self._redis.pipeline(transaction=True) as pipe:
             for name, value in counts.items():
                 pipe.hincrby(key, f"{model}|{name}", value)
-            pipe.expire(key, 400 * 86400)
             pipe.sadd(f"{self._p}usage-days:{subject}", day)
             await pipe.execute()
 
     async def usage_get(self, subject: str) -> dict[str, dict[str, dict[str, int]]]:
-        days = sorted(d.decode() for d in await self._redis.smembers(f"{self._p}usage-days:{subject}"))
+        days = sorted(_text(d) for d in await self._redis.smembers(f"{self._p}usage-days:{subject}"))
         out: dict[str, dict[str, dict[str, int]]] = {}
         for day in days:
             for field, value in (await self._redis.hgetall(f"{self._p}usage:{subject}:{day}")).items():
-                model, _, name = field.decode().rpartition("|")
+                model, _, name = _text(field).rpartition("|")
                 out.setdefault(day, {}).setdefault(model, {})[name] = int(value)
         return out
 
@@ -252,8 +311,11 @@ class MemoryStore:
         self._clock = clock
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._keys: dict[str, dict[str, Any]] = {}
-        self._buckets: dict[str, dict[int, int]] = defaultdict(dict)
-        self._leases: dict[str, dict[str, float]] = defaultdict(dict)  # subject -> lease -> expiry
+        # as in Redis: no entry is kept empty, and the index finds the subjects nobody calls any more
+        self._buckets: dict[str, dict[int, int]] = {}  # "req:<subject>"/"tok:<subject>" -> epoch second -> count
+        self._leases: dict[str, dict[str, float]] = {}  # subject -> lease -> expiry
+        self._indexed: dict[str, float] = {}  # the index (Redis' sorted set): subject -> when its content expires
+        self._index: list[tuple[float, str]] = []  # a heap of _indexed's items; entries of changed times are stale
         self._usage: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
 
     async def cache_get(self, key: str) -> bytes | None:
@@ -278,22 +340,65 @@ class MemoryStore:
     async def key_list(self) -> dict[str, dict[str, Any]]:
         return dict(self._keys)
 
-    def _total(self, key: str, now: int, window: int) -> tuple[int, int | None]:
-        buckets = self._buckets[key]
+    def _window(self, key: str, now: int, window: int) -> tuple[int, int | None, int | None]:
+        """Buckets of `key` in the window (older ones dropped, an empty key too): sum, oldest, newest second."""
+        buckets = self._buckets.get(key, {})
         for t in [t for t in buckets if t <= now - window]:
             del buckets[t]
-        return sum(buckets.values()), min(buckets, default=None)
+        if not buckets:
+            self._buckets.pop(key, None)
+        return sum(buckets.values()), min(buckets, default=None), max(buckets, default=None)
+
+    def _held(self, subject: str, precise: float) -> tuple[int, float | None]:
+        """Leases of `subject` not yet expired (the others dropped, an empty entry too): count, latest expiry."""
+        leases = self._leases.get(subject, {})
+        for expired in [name for name, until in leases.items() if until <= precise]:
+            del leases[expired]
+        if not leases:
+            self._leases.pop(subject, None)
+        return len(leases), max(leases.values(), default=None)
+
+    def _index_at(self, subject: str, expiry: float | None) -> None:
+        """Index `subject` at `expiry` (None: take it out), as ZADD/ZREM do in Redis."""
+        if expiry is None:
+            self._indexed.pop(subject, None)  # its heap entries are dropped when the sweep reaches them
+            return
+        if self._indexed.get(subject) == expiry:
+            return
+        self._indexed[subject] = expiry
+        heapq.heappush(self._index, (expiry, subject))
+        if len(self._index) > 2 * len(self._indexed) + 64:  # stale entries: rebuild, so the heap stays bounded
+            self._index = [(e, s) for s, e in self._indexed.items()]
+            heapq.heapify(self._index)
+
+    def _expiry(self, subject: str, precise: float, window: int) -> float | None:
+        """Drop `subject`'s expired buckets and leases; when what is left expires (None: nothing is left)."""
+        ends = [newest + window for kind in ("req", "tok")
+                if (newest := self._window(f"{kind}:{subject}", int(precise), window)[2]) is not None]
+        lease_until = self._held(subject, precise)[1]
+        return max(ends + ([lease_until] if lease_until is not None else []), default=None)
+
+    def _settle(self, subject: str, precise: float, window: int) -> None:
+        self._index_at(subject, self._expiry(subject, precise, window))
+
+    def _sweep(self, precise: float, window: int) -> None:
+        """Settle up to SWEEP subjects whose indexed time has passed, as ADMIT does in Redis."""
+        settled = 0
+        while settled < SWEEP and self._index and self._index[0][0] <= precise:
+            expiry, subject = heapq.heappop(self._index)
+            if self._indexed.get(subject) == expiry:  # else a stale entry: its time changed since
+                self._settle(subject, precise, window)
+                settled += 1
 
     async def admit(self, subject: str, lease: str, *, rpm: int, tpm: int, reserve: int, max_concurrent: int,
                     window_s: int, lease_s: float) -> Admitted:
         precise = self._clock()
         now = int(precise)
-        requests, r_oldest = self._total(f"req:{subject}", now, window_s)
-        tokens, t_oldest = self._total(f"tok:{subject}", now, window_s)
-        leases = self._leases[subject]
-        for expired in [name for name, until in leases.items() if until <= precise]:
-            del leases[expired]
-        in_flight = len(leases) if max_concurrent else 0
+        self._sweep(precise, window_s)
+        requests, r_oldest, _ = self._window(f"req:{subject}", now, window_s)
+        tokens, t_oldest, _ = self._window(f"tok:{subject}", now, window_s)
+        held = self._held(subject, precise)[0]
+        in_flight = held if max_concurrent else 0
         refused, reset = None, (r_oldest or now) + window_s - now
         if max_concurrent and in_flight >= max_concurrent:
             refused, reset = "concurrent", 1
@@ -305,24 +410,30 @@ class MemoryStore:
             return Admitted(refused, requests, tokens, in_flight, reset, now)
         self._add(f"req:{subject}", now, 1)
         self._add(f"tok:{subject}", now, reserve)
+        expiry = float(now + window_s)
         if max_concurrent:
-            leases[lease] = precise + lease_s
+            self._leases.setdefault(subject, {})[lease] = precise + lease_s
             in_flight += 1
+            expiry = max(expiry, precise + lease_s)
+        if subject not in self._indexed:  # as ZADD NX: an indexed subject keeps its time (the sweep settles it)
+            self._index_at(subject, expiry)
         return Admitted(None, requests + 1, tokens + reserve, in_flight, reset, now)
 
     async def release(self, subject: str, lease: str, *, bucket: int, reserved: int, used: int,
                       window_s: int) -> None:
-        self._leases[subject].pop(lease, None)
-        tokens = self._buckets[f"tok:{subject}"]
+        precise = self._clock()
+        self._leases.get(subject, {}).pop(lease, None)
+        tokens = self._buckets.get(f"tok:{subject}", {})
         if reserved and bucket in tokens:
             tokens[bucket] -= reserved
             if tokens[bucket] <= 0:
                 del tokens[bucket]
-        self._add(f"tok:{subject}", int(self._clock()), used)
+        self._add(f"tok:{subject}", int(precise), used)
+        self._settle(subject, precise, window_s)  # drops what is left empty; its index time follows what is left
 
     def _add(self, key: str, now: int, amount: int) -> None:
         if amount:
-            bucket = self._buckets[key]
+            bucket = self._buckets.setdefault(key, {})
             bucket[now] = bucket.get(now, 0) + amount
 
     async def usage_add(self, subject: str, day: str, model: str, counts: dict[str, int]) -> None:
@@ -374,7 +485,7 @@ class Resilient:
             except TimeoutError as exc:  # this call goes on without the store; the breaker waits for a ping
                 self._check_alive(method, exc)
                 raise StoreUnavailable(f"{method} timed out") from exc
-            except Exception as exc:  # noqa: BLE001 - any store failure means: go on without it
+            except Exception as exc:  # any store failure means: go on without it (re-raised as StoreUnavailable)
                 self._failed(method, exc)
                 raise StoreUnavailable(str(exc)) from exc
 

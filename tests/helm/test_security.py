@@ -31,8 +31,17 @@ import redis
 import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _generate_available_node_types_from_ray_cr_spec
 
-from tests.helm.render import (NAMESPACE, RELEASE, ROOT, applications, k8s, one, render, scenario_objects,
-                               scenario_values)
+from tests.helm.render import (
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    applications,
+    k8s,
+    one,
+    render,
+    scenario_objects,
+    scenario_values,
+)
 from tests.helm.validate import k8s_errors, pod_template_errors, rayservice_errors
 from tests.support import free_port
 
@@ -98,7 +107,8 @@ def _peer_matches(peer_rule: dict, peer: dict) -> bool:
 def reachable(objects: list[dict], target: dict, port: int, peer: dict) -> bool:
     """Whether `peer` may open `port` on a pod labelled `target` under the rendered NetworkPolicies."""
     policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"
-                and _selects(o["spec"]["podSelector"], target) and "Ingress" in o["spec"].get("policyTypes", ["Ingress"])]
+                and _selects(o["spec"]["podSelector"], target)
+                and "Ingress" in o["spec"].get("policyTypes", ["Ingress"])]
     if not policies:
         return True  # a pod no policy selects accepts everyone
     for policy in policies:
@@ -117,7 +127,8 @@ def _pod(namespace: str, **labels: str) -> dict:
 
 HEAD = {**RAY_PODS, "ray.io/node-type": "head"}
 WORKER = {**RAY_PODS, "ray.io/node-type": "worker"}
-REDIS = {"app.kubernetes.io/name": "serving", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": "redis"}
+REDIS = {"app.kubernetes.io/name": "serving", "app.kubernetes.io/instance": RELEASE,
+         "app.kubernetes.io/component": "redis"}
 PEERS = {
     "pod in another namespace": _pod("tenant-x", app="curl"),
     "other pod in the release's namespace": _pod(NAMESPACE, app="curl"),
@@ -159,7 +170,8 @@ def test_network_policy_has_exactly_the_intended_rules():
     tcp = lambda *ports: [{"port": p, "protocol": "TCP"} for p in ports]  # noqa: E731
     assert ray["ingress"] == [
         {"from": [{"podSelector": {"matchLabels": RAY_PODS}}]},
-        {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}],
+        {"from": [{"namespaceSelector": {},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}],
          "ports": tcp(8265, 8000)},
         {"ports": tcp(8000)},
         {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
@@ -203,7 +215,7 @@ def test_token_auth_is_on_and_alike_on_head_and_every_worker_group(scenario):
     assert cluster["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
     assert len(base64.b64decode(one(objects, "Secret", "-ray-token")["data"]["auth_token"])) >= 32
     seen = set()
-    for name, container in ray_containers(objects).items():
+    for container in ray_containers(objects).values():
         env = env_of(container)
         seen.add((env["RAY_AUTH_MODE"]["value"],
                   json.dumps(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"], sort_keys=True)))
@@ -227,8 +239,9 @@ def test_token_auth_can_be_disabled_but_only_explicitly_everywhere():
 def test_an_existing_token_secret_is_used_by_kuberay_and_every_pod():
     objects = render({"ray": {"auth": {"existingSecret": "my-ray-token"}}})
     assert cluster_of(objects)["authOptions"]["secretName"] == "my-ray-token"
-    assert {env_of(c)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] for c in ray_containers(objects).values()} \
-        == {"my-ray-token"}
+    secrets = {env_of(c)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+               for c in ray_containers(objects).values()}
+    assert secrets == {"my-ray-token"}
     assert not [o for o in objects if o["metadata"]["name"].endswith("-ray-token")]
 
 
@@ -556,11 +569,6 @@ def test_before_the_fix_a_cache_flood_grows_redis_without_bound():
         server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="lead: serving/gateway/store.py puts a key TTL on the rate-limit "
-                   "windows (rl:req:*, rl:tok:*: EXPIRE window+1), the concurrency leases (rl:lease:*: EXPIRE "
-                   "lease_s+1) and usage (usage:*:<day>: EXPIRE 400 days), so under volatile-lru a cache flood can "
-                   "evict them (a limit resets, usage is lost); expire their contents without a key TTL (prune old "
-                   "buckets/leases in the scripts, keep usage). Remove this marker then")
 def test_only_cache_entries_carry_a_ttl():
     """Under volatile-* a key is evictable exactly when it has a TTL: only cached answers may."""
     from serving.gateway.store import RedisStore
@@ -594,7 +602,8 @@ def test_only_cache_entries_carry_a_ttl():
 TLS_VALUES = {"redis": {"external": {"url": "rediss://redis.example.internal:6380/2", "existingSecret": "redis-auth",
                                      "tls": {"caSecret": "redis-ca", "clientCertSecret": "redis-client"}}},
               "ray": {"gcsFaultTolerance": {"enabled": True}}}
-CA, CERT, KEY = "/etc/serving/redis-tls/ca.crt", "/etc/serving/redis-tls-client/tls.crt", "/etc/serving/redis-tls-client/tls.key"
+CA = "/etc/serving/redis-tls/ca.crt"
+CERT, KEY = "/etc/serving/redis-tls-client/tls.crt", "/etc/serving/redis-tls-client/tls.key"
 
 
 def test_tls_to_an_external_redis_mounts_its_ca_and_client_certificate_on_the_head_only():
@@ -611,7 +620,8 @@ def test_tls_to_an_external_redis_mounts_its_ca_and_client_certificate_on_the_he
     assert {"name": "redis-tls-ca", "mountPath": "/etc/serving/redis-tls", "readOnly": True} in mounts
     assert {"name": "redis-tls-client", "mountPath": "/etc/serving/redis-tls-client", "readOnly": True} in mounts
     volumes = {v["name"]: v for v in head_pod["spec"]["volumes"]}
-    assert volumes["redis-tls-ca"]["secret"] == {"secretName": "redis-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert volumes["redis-tls-ca"]["secret"] == {"secretName": "redis-ca",
+                                                 "items": [{"key": "ca.crt", "path": "ca.crt"}]}
     assert volumes["redis-tls-client"]["secret"] == {"secretName": "redis-client", "items": [
         {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}], "defaultMode": 0o440}
     for group in cluster["workerGroupSpecs"]:

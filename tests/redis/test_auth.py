@@ -34,6 +34,8 @@ def dump_redis(client) -> bytes:
                 parts += [field, value]
         elif kind == b"set":
             parts += list(client.smembers(key))
+        elif kind == b"zset":  # the rate limits' index of subjects (and leases)
+            parts += list(client.zrange(key, 0, -1))
         else:
             raise AssertionError(f"unexpected Redis type {kind!r} at {key!r}")
     return b"\n".join(parts)

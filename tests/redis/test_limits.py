@@ -9,14 +9,29 @@ import time
 import httpx
 import openai
 import pytest
+import redis
 
 import serving.gateway.auth as auth
 from serving import cli
-from serving.gateway.auth import create_key, digest
 from serving.engine.fake import FakeEngine
+from serving.gateway.auth import create_key, digest
 from serving.gateway.limits import BYTES_PER_TOKEN
-from tests.redis.support import (PROMPT_TOKENS, assert_envelope, chat_body, client_for, make_engines, post_chat,
-                                 ratelimit_headers, sdk_for, settle, sse_json, stream_and_hang_up, wait_for)
+from tests.redis.support import (
+    PROMPT_TOKENS,
+    assert_envelope,
+    chat_body,
+    client_for,
+    make_config,
+    make_engines,
+    post_chat,
+    ratelimit_headers,
+    sdk_for,
+    settle,
+    sse_json,
+    stream_and_hang_up,
+    wait_for,
+)
+from tests.redis.test_store import flood_cache, small_redis  # noqa: F401 - small_redis is a fixture
 
 REQUEST_HEADERS = {f"x-ratelimit-{kind}-requests" for kind in ("limit", "remaining", "reset")}
 TOKEN_HEADERS = {f"x-ratelimit-{kind}-tokens" for kind in ("limit", "remaining", "reset")}
@@ -335,3 +350,22 @@ async def test_serving_keys_cli(gateway, redis_url, redis_client, monkeypatch, c
     assert "alice" not in out and "(none)" in out
     code, _, err = await keys_cli(capsys, "revoke", "alice")
     assert code == 1
+
+
+async def test_a_cache_flood_does_not_reset_a_keys_rate_limit_or_lose_its_usage(small_redis, gateway) -> None:  # noqa: F811 - fixture
+    """Redis bounded as the chart runs it (maxmemory, volatile-lru; here 2 MB) and filled with 8 MB of cached
+    answers: the cache entries are evicted, a key's RPM window and usage are not, so its third request in
+    the window is still refused and its two answered ones are still counted. Before, the window and usage
+    carried a TTL and were evicted: the limit started again from zero."""
+    app = gateway(config=make_config(small_redis, auth={"enabled": True}))
+    key, _ = await create_key(raw_store(app), "limited", rpm=2)
+    async with client_for(app, key) as client:
+        assert [(await post_chat(client, temperature=0.5)).status_code for _ in range(2)] == [200, 200]
+        await settle(app)
+        await flood_cache(raw_store(app), megabytes=8)
+        refused = await post_chat(client, temperature=0.5)
+    assert_envelope(refused, 429, code="rate_limit_exceeded")
+    with redis.Redis.from_url(small_redis) as client:
+        assert client.info("stats")["evicted_keys"] > 0
+    usage = await raw_store(app).usage_get(digest(key))
+    assert [models["tiny"]["requests"] for models in usage.values()] == [2]

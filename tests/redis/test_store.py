@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
+from typing import Iterator
 
+import pytest
 import pytest_asyncio
+import redis
 
-from serving.gateway.store import MemoryStore, RedisStore
+from serving.gateway.store import SWEEP, MemoryStore, RedisStore
+from tests.support import free_port
 
 PREFIX = "t:"
 
@@ -171,14 +177,134 @@ async def test_concurrent_rate_checks_admit_exactly_n(redis_url) -> None:
     assert all(r.requests == n for r in results if r.refused)
 
 
-async def test_redis_rate_windows_expire(redis_url, redis_client) -> None:
-    """The windows' hashes carry a TTL: counters of keys no longer used do not stay in Redis."""
+async def test_redis_limits_and_usage_carry_no_ttl(redis_url, redis_client) -> None:
+    """Under volatile-lru a key with a TTL may be evicted: only cache entries have one. The limits' contents
+    expire in the scripts instead (the next tests), usage is kept."""
     store = RedisStore(redis_url, prefix=PREFIX)
     try:
         await admit(store, "s", rpm=5, tpm=5, reserve=2, cap=3, window=30, lease_s=20)
         await use(store, "s", 3, window=30)
+        await store.usage_add("s", "2026-11-30", "m", {"requests": 1})
+        await store.cache_set("answer", b"{}", 300)
     finally:
         await store.close()
-    keys = sorted(k.decode() for k in redis_client.keys(f"{PREFIX}rl:*"))
-    assert keys == [f"{PREFIX}rl:lease:s", f"{PREFIX}rl:req:s", f"{PREFIX}rl:tok:s"]
-    assert all(0 < redis_client.ttl(k) <= 31 for k in keys)
+    keys = {k.decode(): redis_client.ttl(k) for k in redis_client.scan_iter(f"{PREFIX}*")}
+    limits = {f"{PREFIX}rl:{name}" for name in ("req:s", "tok:s", "lease:s", "active")}
+    assert {k for k in keys if ":rl:" in k} == limits
+    assert {k: ttl for k, ttl in keys.items() if ttl != -1} == {f"{PREFIX}cache:answer": keys[f"{PREFIX}cache:answer"]}
+
+
+def limit_keys(store, redis_client) -> set[str]:
+    """The rate-limit keys the store holds, named as in Redis (MemoryStore's entries mapped to those names)."""
+    if isinstance(store, RedisStore):
+        return {k.decode()[len(PREFIX):] for k in redis_client.scan_iter(f"{PREFIX}rl:*")}
+    return ({f"rl:{key}" for key in store._buckets} | {f"rl:lease:{s}" for s in store._leases}
+            | ({"rl:active"} if store._indexed else set()))
+
+
+async def test_a_finished_requests_lease_goes_and_its_window_is_pruned_by_the_next_call(store, redis_client) -> None:
+    """Nothing stays behind a request: its lease goes at release, its buckets once out of the window (at the
+    next call of anyone), a lease nobody released once it expired."""
+    done = await admit(store, "s", tpm=100, reserve=10, cap=2, window=1, lease="a", lease_s=30)
+    await admit(store, "dead", cap=2, window=1, lease="lost", lease_s=0.5)  # its gateway never releases it
+    assert limit_keys(store, redis_client) == {"rl:req:s", "rl:tok:s", "rl:lease:s", "rl:req:dead", "rl:lease:dead",
+                                               "rl:active"}
+    await store.release("s", "a", bucket=done.bucket, reserved=10, used=4, window_s=1)
+    assert "rl:lease:s" not in limit_keys(store, redis_client)  # an empty lease set is deleted at once
+    await asyncio.sleep(2.05)  # both windows and the lost lease have expired
+    await admit(store, "someone-else", window=1)
+    assert limit_keys(store, redis_client) == {"rl:req:someone-else", "rl:active"}
+    await asyncio.sleep(1.05)
+    await admit(store, "someone-else", rpm=5, window=1)  # prunes its own window: one new request counted
+    assert limit_keys(store, redis_client) == {"rl:req:someone-else", "rl:active"}
+
+
+async def test_rate_limit_keys_stay_bounded_over_many_windows(store, redis_client) -> None:
+    """Many keys, each making one request and never coming back, over several 1-second windows: the keys
+    held stay those of the last windows' subjects (each call prunes up to SWEEP overdue subjects), and once
+    all are overdue the next calls leave nothing of them."""
+    rounds, per_round, window = 6, 40, 1
+    counts = []
+    for r in range(rounds):
+        for j in range(per_round):
+            lease = f"lease-{j}"
+            held = await admit(store, f"k{r}-{j}", tpm=1000, reserve=5, cap=2, window=window, lease=lease, lease_s=1)
+            await store.release(f"k{r}-{j}", lease, bucket=held.bucket, reserved=5, used=3, window_s=window)
+        counts.append(len(limit_keys(store, redis_client)))
+        await asyncio.sleep(0.5)
+    written = rounds * per_round * 2  # a requests and a tokens hash each (the released lease went at once)
+    assert max(counts) <= 3 * per_round * 2 + 1 < written, counts  # about two rounds are within a window
+    await asyncio.sleep(2.05)
+    for _ in range(written // SWEEP):
+        await admit(store, "last", window=window)
+    assert limit_keys(store, redis_client) == {"rl:req:last", "rl:active"}, counts
+
+
+@pytest.fixture
+def small_redis(tmp_path) -> Iterator[str]:
+    """Its own redis-server, bounded as the chart's is but tiny: --maxmemory 2mb, volatile-lru. Its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline and process.poll() is None, "redis-server did not start"
+            time.sleep(0.02)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
+
+
+async def flood_cache(store, megabytes: int) -> None:
+    """`megabytes` of cached answers (32 KiB each), as one tenant's large distinct prompts would leave."""
+    body = os.urandom(32 * 1024)
+    for i in range(megabytes * 32):
+        await store.cache_set(f"flood-{i}", body, 3600)
+
+
+def limits_and_usage(client: redis.Redis) -> dict[str, object]:
+    """Every rate-limit and usage key of the default prefix, with its contents."""
+    out: dict[str, object] = {}
+    for key in client.scan_iter("serving:*"):
+        name = key.decode()
+        if name.startswith(("serving:rl:", "serving:usage")):
+            kind = client.type(key)
+            out[name] = (client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1, withscores=True)
+                         if kind == b"zset" else client.smembers(key))
+    return out
+
+
+async def test_a_cache_flood_never_evicts_rate_limits_leases_or_usage(small_redis) -> None:
+    """8 MB of cache into a 2 MB Redis that evicts keys with a TTL: the cache entries go, every window, lease and
+    usage record stays as it was, and the limits still count what they counted (before: all 200 of those
+    keys of 50 tenants were evicted, since each had a TTL)."""
+    store = RedisStore(small_redis)
+    client = redis.Redis.from_url(small_redis)
+    try:
+        for i in range(50):
+            await admit(store, f"k{i}", rpm=2, tpm=10_000, reserve=10, cap=2, lease=f"lease-{i}", lease_s=600)
+            await store.usage_add(f"k{i}", "2026-11-30", "tiny", {"requests": 1, "prompt_tokens": 7})
+        before = limits_and_usage(client)
+        written = {f"serving:{kind}:k{i}" for i in range(50) for kind in ("rl:req", "rl:tok", "rl:lease", "usage-days")}
+        assert written | {f"serving:usage:k{i}:2026-11-30" for i in range(50)} <= set(before)
+        await flood_cache(store, megabytes=8)
+        info = client.info("stats") | client.info("memory")
+        assert info["evicted_keys"] > 0 and info["used_memory"] <= 2 * 2**20
+        assert limits_and_usage(client) == before
+        again = await admit(store, "k7", rpm=2, tpm=10_000, reserve=10, cap=2, lease="second", lease_s=600)
+        assert (again.refused, again.requests, again.tokens, again.in_flight) == (None, 2, 20, 2)
+        assert (await admit(store, "k7", rpm=2, cap=3)).refused == "requests"
+        assert await store.usage_get("k7") == {"2026-11-30": {"tiny": {"requests": 1, "prompt_tokens": 7}}}
+    finally:
+        client.close()
+        await store.close()
