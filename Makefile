@@ -10,7 +10,7 @@ EXTRAS ?= cpu,test
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration clean
+.PHONY: install run lint test test-unit test-integration clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,12 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/serving up
 
-test: install
+# ruff and mypy read their configuration from pyproject.toml; any finding fails the target
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -36,4 +41,4 @@ test-integration: install
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,8 +7,9 @@ Run from the repository root after changing values.yaml or serving/config.py:
 
 Why generated: `models`, `gateway`, `cache`, `auth`, `limits` and `redis.config` ARE the sections
 of the configuration model (serving/config.py: ModelConfig, GatewayConfig, ...), so their schema
-comes from pydantic and cannot drift from what `serving up` accepts. The chart's own keys are declared below; their descriptions are the `# --` comments of
-values.yaml, so each field is documented once and both editors and `helm install` show the text.
+comes from pydantic and cannot drift from what `serving up` accepts. The chart's own keys are declared below;
+their descriptions are the `# --` comments of values.yaml, so each field is documented once and both editors
+and `helm install` show the text.
 Every object is closed (additionalProperties: false) so a typo is an error, not a silent no-op.
 The output is JSON Schema draft-07 with everything inlined, which Helm 3 and Helm 4 both read.
 """
@@ -91,11 +92,14 @@ def resources() -> Schema:
 
 def group_settings() -> Schema:
     return obj({
-        "gpusPerPod": integer(1) | {"description": "GPUs per pod (nvidia.com/gpu limit); default: the largest model's GPUs per replica, rounded up."},
-        "cpusPerPod": integer(1) | {"description": "Ray logical CPUs per pod; default: enough for the group's models to fill the pod's GPUs."},
+        "gpusPerPod": integer(1) | {"description": "GPUs per pod (nvidia.com/gpu limit); default: the largest "
+                                                   "model's GPUs per replica, rounded up."},
+        "cpusPerPod": integer(1) | {"description": "Ray logical CPUs per pod; default: enough for the group's models "
+                                                   "to fill the pod's GPUs."},
         "minReplicas": integer(0) | {"description": "Fewest pods; default: what the models' minimum replicas need."},
         "maxReplicas": integer(1) | {"description": "Most pods; default: what the models' maximum replicas need."},
-        "shmSize": string(QUANTITY) | {"description": "Size of the /dev/shm memory volume (vLLM's NCCL and Ray's object store; counts against pod memory)."},
+        "shmSize": string(QUANTITY) | {"description": "Size of the /dev/shm memory volume (vLLM's NCCL and Ray's "
+                                                      "object store; counts against pod memory)."},
         "nodeSelector": string_map() | {"description": "Node selector of the group's pods."},
         "tolerations": array(free_object()) | {"description": "Tolerations of the group's pods."},
         "affinity": free_object() | {"description": "Affinity of the group's pods."},
@@ -130,7 +134,8 @@ def chart_schema() -> Schema:
             "variant": string(enum=["gpu", "cpu"]),
             "pullPolicy": string(enum=["Always", "IfNotPresent", "Never"]),
         }, required=["repository", "variant"]),
-        "imagePullSecrets": array(obj({"name": string(min_length=1) | {"description": "Name of a docker-registry Secret."}},
+        "imagePullSecrets": array(obj({"name": string(min_length=1)
+                                               | {"description": "Name of a docker-registry Secret."}},
                                       required=["name"])),
         "ray": obj({
             "version": string(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$"),
@@ -221,7 +226,8 @@ def chart_schema() -> Schema:
             "existingSecretKey": string(min_length=1),
             "keys": array(obj({
                 "name": string(min_length=1) | {"description": "Name of the key (shown in usage)."},
-                "key": string(min_length=16) | {"description": "The secret value clients send as `Authorization: Bearer <key>`."},
+                "key": string(min_length=16)
+                       | {"description": "The secret value clients send as `Authorization: Bearer <key>`."},
                 "models": array(string()) | {"description": "Model names this key may use; empty or absent: all."},
                 "rpm": integer(1) | {"description": "Requests per minute."},
                 "tpm": integer(1) | {"description": "Tokens per minute."},
@@ -240,7 +246,8 @@ def chart_schema() -> Schema:
                 "host": string() | {"description": "Host name (empty: any host)."},
                 "paths": array(obj({
                     "path": string(pattern=r"^/") | {"description": "URL path."},
-                    "pathType": string(enum=["Prefix", "Exact", "ImplementationSpecific"]) | {"description": "How the path matches."},
+                    "pathType": string(enum=["Prefix", "Exact", "ImplementationSpecific"])
+                                | {"description": "How the path matches."},
                 }, required=["path"])) | {"description": "Paths of this host routed to the gateway."},
             }, required=["paths"])),
             "tls": array(obj({

@@ -165,7 +165,8 @@ def run_levels(base_url: str, model: str, args: argparse.Namespace, api_key: str
         cpu_after, client_after = servers.cpu_seconds(sid) if sid else {}, _client_cpu()
         levels[c] = summarize(c, results, duration)
         lv = levels[c]
-        lv.cpu_s = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items() if v - cpu_before.get(k, 0.0) > 0}
+        lv.cpu_s = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()
+                    if v - cpu_before.get(k, 0.0) > 0}
         lv.cpu_s["load generator"] = round(client_after - client_before, 2)
         print(f"  c={c:<3} {lv.requests_per_s:7.2f} req/s {lv.output_tokens_per_s:8.1f} tok/s  TTFT p50 "
               f"{_ms(lv.ttft_p50_ms)} p95 {_ms(lv.ttft_p95_ms)}  ITL p50 {_ms(lv.itl_p50_ms)} p95 {_ms(lv.itl_p95_ms)}"
@@ -198,7 +199,8 @@ def machine_state(own_session: int | None = None) -> dict[str, Any]:
 
 def _describe(state: dict[str, Any]) -> str:
     one, five, fifteen = state["loadavg"]
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {state['cpus']} CPUs, {len(state['engine_processes'])} engine process(es)"
+    return (f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {state['cpus']} CPUs, "
+            f"{len(state['engine_processes'])} engine process(es)")
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -326,8 +328,8 @@ def table(base_label: str, base: dict[int, Level], ours: dict[int, Level]) -> st
             if lv is None:
                 continue
             rows.append(f"| {c} | {label} | {lv.requests_per_s:.2f} | {lv.output_tokens_per_s:.1f} | "
-                        f"{_ms(lv.ttft_p50_ms)} | {_ms(lv.ttft_p95_ms)} | {_ms(lv.itl_p50_ms)} | {_ms(lv.itl_p95_ms)} | "
-                        f"{lv.failures}/{lv.requests} |")
+                        f"{_ms(lv.ttft_p50_ms)} | {_ms(lv.ttft_p95_ms)} | "
+                        f"{_ms(lv.itl_p50_ms)} | {_ms(lv.itl_p95_ms)} | {lv.failures}/{lv.requests} |")
         if c in ours:
             b, o = base[c], ours[c]
             rows.append(f"| {c} | **platform / {base_label}** | **{_ratio(o.requests_per_s, b.requests_per_s)}** | "
@@ -354,7 +356,8 @@ def goals(base: dict[int, Level], ours: dict[int, Level]) -> list[tuple[str, boo
 def cpu_table(base_label: str, base: dict[int, Level], ours: dict[int, Level]) -> str:
     """CPU milliseconds per output token, by process role: where the machine's time goes."""
     roles = sorted({r for lv in [*base.values(), *ours.values()] for r in lv.cpu_s})
-    rows = ["| c | server | " + " | ".join(roles) + " | total | cores busy |", "|---:|---|" + "---:|" * (len(roles) + 2)]
+    rows = ["| c | server | " + " | ".join(roles) + " | total | cores busy |",
+            "|---:|---|" + "---:|" * (len(roles) + 2)]
     for c in base:
         for label, lv in ((base_label, base[c]), ("platform", ours.get(c))):
             if lv is None or not lv.cpu_s:
@@ -418,7 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = (args.out or Path("results") / f"bench{'-fake' if args.fake else ''}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    default_out = Path("results") / f"bench{'-fake' if args.fake else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (args.out or default_out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     factories, model = server_factories(args, out)
     base_label = factories[0][0]
@@ -435,10 +439,13 @@ def main(argv: list[str] | None = None) -> int:
             measured.append(measure_server(label, factory, model, args))
     text = render(args, measured, base_label)
     command = "python -m loadtests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=servers.ROOT).stdout.strip()
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=servers.ROOT).stdout.strip()
+    engine = (f"fake engine (ttft {args.fake_ttft:.3f} s, itl {args.fake_itl:.3f} s)" if args.fake
+              else getattr(args, "engine_note", ""))
     header = (f"`{command.strip()}` — {time.strftime('%Y-%m-%d %H:%M')}, git {rev or '?'} (+ working tree), "
               f"{host_platform.machine()} {os.cpu_count()} CPUs, Python {host_platform.python_version()}, "
-              f"{'fake engine (ttft %.3f s, itl %.3f s)' % (args.fake_ttft, args.fake_itl) if args.fake else getattr(args, 'engine_note', '')}, "
+              f"{engine}, "
               f"{args.max_tokens} output tokens (ignore_eos), {args.input_words}-word prompts, {args.rounds} round(s)"
               + (f", platform env {' '.join(args.platform_env)}" if args.platform_env else "")
               + (f", plain vLLM env {' '.join(args.baseline_env)}" if args.baseline_env else "")

@@ -133,7 +133,7 @@ def draw(base: str, start: float, end: float, out_dir: str | Path, *, step: floa
     written = []
     for name, titles in key_panels.items():
         fig, axes = plt.subplots(1, len(titles), figsize=(6.4 * len(titles), 4.2), squeeze=False)
-        for ax, title in zip(axes[0], titles):
+        for ax, title in zip(axes[0], titles, strict=True):
             p = panel(dashboard, title)
             unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
             series = panel_series(base, p, start, end, step, **variables)

@@ -36,7 +36,8 @@ async def _serve(app, port: int):
     return server, task
 
 
-async def _measure(http: httpx.AsyncClient, n: int, body_for, headers: dict[str, str], stream: bool = False) -> list[float]:
+async def _measure(http: httpx.AsyncClient, n: int, body_for, headers: dict[str, str],
+                   stream: bool = False) -> list[float]:
     out = []
     for i in range(n):
         body = body_for(i)
@@ -69,7 +70,8 @@ async def main(requests: int) -> None:
     engine = VLLMEngine(on.models[0])
     await engine.start()
     ports = free_port(), free_port()
-    servers = [await _serve(create_app(cfg, {"demo-chat": engine}), port) for cfg, port in zip((on, off), ports)]
+    servers = [await _serve(create_app(cfg, {"demo-chat": engine}), port)
+               for cfg, port in zip((on, off), ports, strict=True)]
     same = {"model": "demo-chat", "messages": [{"role": "user", "content": "a cached question"}], "max_tokens": 16,
             "temperature": 0}
     unique = lambda i: {**same, "messages": [{"role": "user", "content": f"question {uuid.uuid4().hex}"}]}  # noqa: E731
@@ -82,8 +84,8 @@ async def main(requests: int) -> None:
             await _measure(http_on, 5, lambda i: same, auth)
             results["miss (engine, 16 tokens), auth off"] = await _measure(http_off, max(50, requests // 4), unique, {})
             results["hit, auth off"] = await _measure(http_off, requests, lambda i: same, {})
-            results["hit, streamed, auth off"] = await _measure(http_off, requests, lambda i: {**same, "stream": True}, {},
-                                                               stream=True)
+            results["hit, streamed, auth off"] = await _measure(http_off, requests, lambda i: {**same, "stream": True},
+                                                               {}, stream=True)
             results["hit, auth + limits on"] = await _measure(http_on, requests, lambda i: same, auth)
             results["bypass (no-cache, no-store), auth off"] = await _measure(
                 http_off, max(50, requests // 4), lambda i: same, {"cache-control": "no-cache, no-store"})
@@ -96,9 +98,11 @@ async def main(requests: int) -> None:
     print(f"\nGateway latency per request, ms (sequential, loopback; load average {os.getloadavg()[0]:.2f})")
     print(f"{'case':42} {'n':>5} {'p50':>8} {'p99':>8} {'mean':>8}")
     for name, values in results.items():
-        print(f"{name:42} {len(values):5d} {_pct(values, .5):8.2f} {_pct(values, .99):8.2f} {statistics.mean(values):8.2f}")
+        print(f"{name:42} {len(values):5d} {_pct(values, .5):8.2f} {_pct(values, .99):8.2f} "
+              f"{statistics.mean(values):8.2f}")
     hit, hit_on = results["hit, auth off"], results["hit, auth + limits on"]
-    print(f"\ncache hit p50 vs miss p50: {_pct(hit, .5):.2f} ms vs {_pct(results['miss (engine, 16 tokens), auth off'], .5):.2f} ms")
+    miss = results["miss (engine, 16 tokens), auth off"]
+    print(f"\ncache hit p50 vs miss p50: {_pct(hit, .5):.2f} ms vs {_pct(miss, .5):.2f} ms")
     print(f"auth + limits add (p50): {_pct(hit_on, .5) - _pct(hit, .5):+.2f} ms; goal: cache hit < 2 ms p50")
 
 

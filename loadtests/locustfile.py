@@ -59,7 +59,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     # on the parser itself, not an argument group: only locust's parser knows is_secret
     group = parser
     group.add_argument("--models", default="", help="comma-separated generation models (default: GET /models)")
-    group.add_argument("--embedding-models", default="", help="comma-separated embedding models (default: GET /models kind=embed)")
+    group.add_argument("--embedding-models", default="",
+                       help="comma-separated embedding models (default: GET /models kind=embed)")
     group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""), is_secret=True,
                        help="Authorization: Bearer key (default: $OPENAI_API_KEY); a comma-separated list "
                        "spreads users over keys")
@@ -123,7 +124,8 @@ def _stop(environment, **_: Any) -> None:
         _TICKER.pop().kill(block=False)
     prefix = environment.parsed_options.llm_samples if environment.parsed_options else ""
     if prefix and not isinstance(environment.runner, MasterRunner):
-        worker = environment.runner.client_id.replace(os.sep, "_") if isinstance(environment.runner, WorkerRunner) else ""
+        runner = environment.runner
+        worker = runner.client_id.replace(os.sep, "_") if isinstance(runner, WorkerRunner) else ""
         SAMPLES.write(prefix, f"_{worker}" if worker else "")
 
 
@@ -156,7 +158,8 @@ class LLMUser(User):
         self.opts = opts
         self.number = next(_USER_NUMBERS)
         keys = _split(opts.api_key)
-        self.headers = {"Content-Type": "application/json", **auth_headers(keys[self.number % len(keys)] if keys else None)}
+        key = keys[self.number % len(keys)] if keys else None  # users spread over the keys
+        self.headers = {"Content-Type": "application/json", **auth_headers(key)}
         self.base = (self.host or "").rstrip("/")
         self.session = requests.Session()
         listed = _split(opts.embedding_models if self.model_kind == "embed" else opts.models)
@@ -205,7 +208,8 @@ class LLMUser(User):
                     size = len(content)
                     result = measure_body(content, response.status_code, start, time.perf_counter())
                     if result.ok and stream:
-                        result.ok, result.error = False, "asked for a stream, got " + (response.headers.get("content-type") or "no content-type")
+                        got = response.headers.get("content-type") or "no content-type"
+                        result.ok, result.error = False, f"asked for a stream, got {got}"
                     SAMPLES.tokens_this_second += result.output_tokens if result.ok else 0
                 result.status = response.status_code
                 result.cache = response.headers.get("x-cache")
@@ -225,19 +229,22 @@ class LLMUser(User):
         tps = r.tokens_per_s
         if r.ok:
             if ttft_ms is not None:
-                fire(request_type="TTFT", name=metric_name, response_time=ttft_ms, response_length=0, exception=None, context={})
+                fire(request_type="TTFT", name=metric_name, response_time=ttft_ms, response_length=0, exception=None,
+                     context={})
             now = time.time()
             for gap in r.itl:
-                fire(request_type="ITL", name=metric_name, response_time=gap * 1000, response_length=0, exception=None, context={})
+                fire(request_type="ITL", name=metric_name, response_time=gap * 1000, response_length=0, exception=None,
+                     context={})
             if r.itl:
                 # times of the gaps, back from now: precise enough for per-second plots
                 t, stamps = now, []
                 for gap in reversed(r.itl):
                     stamps.append(t)
                     t -= gap
-                SAMPLES.itl.extend((s, kind, model, g * 1000) for s, g in zip(reversed(stamps), r.itl))
+                SAMPLES.itl.extend((s, kind, model, g * 1000) for s, g in zip(reversed(stamps), r.itl, strict=True))
             if tpot_ms is not None:
-                fire(request_type="TPOT", name=metric_name, response_time=tpot_ms, response_length=0, exception=None, context={})
+                fire(request_type="TPOT", name=metric_name, response_time=tpot_ms, response_length=0, exception=None,
+                     context={})
             if tps is not None:
                 fire(request_type="TOKENS/S", name=metric_name, response_time=tps, response_length=r.output_tokens,
                      exception=None, context={})

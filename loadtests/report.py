@@ -72,7 +72,8 @@ def _bucket_width(duration: float) -> float:
     return float(max(1, math.ceil(duration / 60)))
 
 
-def _over_time(times: np.ndarray, values: np.ndarray, t0: float, width: float) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def _over_time(times: np.ndarray, values: np.ndarray, t0: float,
+               width: float) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     idx = ((times - t0) // width).astype(int)
     buckets = sorted(set(idx.tolist()))
     xs = np.array([(b + 0.5) * width for b in buckets])
@@ -138,7 +139,8 @@ def write_plots(requests: list[dict[str, str]], itl: list[dict[str, str]], out: 
 
     with_ttft = [r for r in ok if r["ttft_ms"]]
     percentile_plot("ttft.png", "Time to first token",
-                    np.array([float(r["start"]) + float(r["ttft_ms"]) / 1000 for r in with_ttft]), _floats(with_ttft, "ttft_ms"))
+                    np.array([float(r["start"]) + float(r["ttft_ms"]) / 1000 for r in with_ttft]),
+                    _floats(with_ttft, "ttft_ms"))
     percentile_plot("itl.png", "Inter-token latency", _floats(itl, "time"), _floats(itl, "itl_ms"))
     percentile_plot("latency.png", "Request latency", _floats(ok, "end"), _floats(ok, "latency_ms"))
 

@@ -63,7 +63,8 @@ def locust_command(profile: dict[str, Any], base_url: str, out: Path) -> list[st
     prefix = str(out / "locust")
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", base_url,
-        "--users", str(profile.get("users", 1)), "--spawn-rate", str(profile.get("spawn_rate", profile.get("users", 1))),
+        "--users", str(profile.get("users", 1)),
+        "--spawn-rate", str(profile.get("spawn_rate", profile.get("users", 1))),
         "--run-time", str(profile.get("run_time", "30s")), "--stop-timeout", str(profile.get("stop_timeout", "10s")),
         "--csv", prefix, "--csv-full-history", "--html", str(out / "report.html"), "--only-summary",
         "--llm-samples", prefix, *_option_args(profile.get("options", {})), *profile["user_classes"],

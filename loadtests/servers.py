@@ -226,9 +226,8 @@ def _serve_fake_platform(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serving.app import deploy, local_resources, logical_cpus_needed
-
     import serving.cli
+    from serving.app import deploy, local_resources, logical_cpus_needed
 
     config = fake_config(args.port)
     for name, value in getattr(serving.cli, "RAY_SERVE_ENV", {}).items():  # the Ray settings `serving up` uses

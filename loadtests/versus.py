@@ -52,7 +52,8 @@ def compare(runs: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) 
                 for key, _ in THROUGHPUT:
                     row[f"vs_{key}"] = row[key] / base[key] if base[key] else None
                 for key, _ in LATENCY:
-                    row[f"vs_{key}"] = (row[key] - base[key]) if row[key] is not None and base[key] is not None else None
+                    known = row[key] is not None and base[key] is not None
+                    row[f"vs_{key}"] = (row[key] - base[key]) if known else None
             rows.append(row)
     return rows
 
@@ -118,7 +119,8 @@ def plots(runs: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]], ou
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.versus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a run's name and its loadtests.run --out directory")
+    parser.add_argument("runs", nargs="+", metavar="NAME=DIR",
+                        help="a run's name and its loadtests.run --out directory")
     parser.add_argument("--out", type=Path, required=True, help="directory for versus.md, versus.csv and the plots")
     args = parser.parse_args(argv)
     runs: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}

@@ -237,11 +237,13 @@ def serve_config(config: ServingConfig) -> dict[str, Any]:
     gateway = config.gateway
     args = gateway_args(config)
     args["gateway"] = {k: v for k, v in args["gateway"].items() if k != "replicas"}
-    applications = [{"name": APP_NAME, "import_path": GATEWAY_IMPORT_PATH, "route_prefix": "/", "args": args,
-                     "deployments": [{"name": "gateway", "num_replicas": gateway.replicas}]}]
+    applications: list[dict[str, Any]] = [
+        {"name": APP_NAME, "import_path": GATEWAY_IMPORT_PATH, "route_prefix": "/", "args": args,
+         "deployments": [{"name": "gateway", "num_replicas": gateway.replicas}]}]
     for model in config.models:
-        application = {"name": model.app_name, "import_path": MODEL_IMPORT_PATH, "route_prefix": None,
-                       "args": model.model_dump(mode="json", exclude_unset=True, exclude=set(SCALING_FIELDS))}
+        application: dict[str, Any] = {
+            "name": model.app_name, "import_path": MODEL_IMPORT_PATH, "route_prefix": None,
+            "args": model.model_dump(mode="json", exclude_unset=True, exclude=set(SCALING_FIELDS))}
         if not model.autoscaling:
             application["deployments"] = [{"name": model.deployment_name, "num_replicas": model.replicas}]
         applications.append(application)

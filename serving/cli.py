@@ -12,7 +12,6 @@ from pathlib import Path
 
 from serving.config import ConfigError, ServingConfig, dump_config, load_config
 
-
 # Ray Serve's throughput mode (user code and router on the replica's main loop, gRPC between
 # replicas, direct ingress) with HAProxy on the gateway port forwarding straight to the gateway
 # replicas: about twice the streamed throughput of Ray's defaults (docs/benchmarks.md). Set either

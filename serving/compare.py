@@ -203,7 +203,7 @@ async def measure(client: Any, url: str, body: dict[str, Any], headers: dict[str
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     """One request per JSONL line: `prompt` (str) or `messages` (list); optional id, max_tokens, reference."""
-    prompts = []
+    prompts: list[dict[str, Any]] = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -213,7 +213,8 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number}: not JSON: {exc}") from exc
         if isinstance(item, str):
             item = {"prompt": item}
-        if not isinstance(item, dict) or not (isinstance(item.get("prompt"), str) or isinstance(item.get("messages"), list)):
+        if not isinstance(item, dict) or not (isinstance(item.get("prompt"), str)
+                                              or isinstance(item.get("messages"), list)):
             raise ValueError(f"{path}:{number}: needs `prompt` (a string) or `messages` (a list)")
         item.setdefault("id", str(len(prompts) + 1))
         prompts.append(item)
@@ -316,13 +317,17 @@ def _pct(values: list[float], p: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def _column(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """The values of `key` in `rows`, those that are set."""
+    return [r[key] for r in rows if r[key] is not None]
+
+
 def summarize(rows: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
     out = []
     for model in models:
         mine = [r for r in rows if r["model"] == model]
         good = [r for r in mine if r["ok"]]
-        col = lambda key: [r[key] for r in good if r[key] is not None]  # noqa: E731
-        lat, ttft, tps, toks = col("latency_s"), col("ttft_s"), col("tokens_per_s"), col("output_tokens")
+        lat, ttft, tps, toks = (_column(good, key) for key in ("latency_s", "ttft_s", "tokens_per_s", "output_tokens"))
         scored = [r for r in good if r["exact_match"] is not None]
         out.append({
             "model": model, "requests": len(mine), "errors": len(mine) - len(good),
@@ -393,7 +398,8 @@ def render_markdown(opts: CompareOptions, rows: list[dict[str, Any]], summary: l
              f"temperature {opts.temperature if opts.temperature is not None else 'server default'}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "| model | requests | errors | latency p50 ms | latency p95 ms | TTFT p50 ms | TTFT p95 ms "
-             "| tokens/s (mean) | output tokens (mean) | output chars (mean) |" + (" exact match | contains |" if has_refs else ""),
+             "| tokens/s (mean) | output tokens (mean) | output chars (mean) |"
+             + (" exact match | contains |" if has_refs else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_refs else "")]
     for s in summary:
         line = (f"| {s['model']} | {s['requests']} | {s['errors']} | {_fmt(s['latency_p50_s'], 1000)} | "

@@ -388,7 +388,7 @@ class ServingConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # explicit arguments, then SERVING_* variables, then the file: the environment overrides the file
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_FILE_DATA.get()))
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_FILE_DATA.get({})))
 
     def model(self, name: str) -> ModelConfig | None:
         """The model config serving `name` (a model or one of its adapters)."""
@@ -398,8 +398,9 @@ class ServingConfig(BaseSettings):
         return None
 
 
-# What the configuration file said, set only for the duration of one `load_config` call.
-_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("serving_file_data", default={})
+# What the configuration file said, set only for the duration of one `load_config` call. No default:
+# a default dict would be one object shared by every context; readers get a fresh {} instead.
+_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("serving_file_data")
 
 
 def load_config(
@@ -460,15 +461,16 @@ def dump_config(config: ServingConfig) -> str:
 
 def reference_markdown() -> str:
     """The configuration reference (README's table), generated from the models themselves."""
-    sections = [("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
-                ("models[].autoscaling", Autoscaling), ("models[].resources", Resources), ("redis", RedisConfig),
-                ("cache", CacheConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec), ("limits", LimitsConfig)]
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
+        ("models[].autoscaling", Autoscaling), ("models[].resources", Resources), ("redis", RedisConfig),
+        ("cache", CacheConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec), ("limits", LimitsConfig)]
     lines = []
     for title, model in sections:
         lines += [f"#### `{title}`", "", "| field | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             kind = str(field.annotation).replace("typing.", "").replace("serving.config.", "")
-            kind = getattr(field.annotation, "__name__", None) if "[" not in kind and "|" not in kind else kind
+            kind = getattr(field.annotation, "__name__", kind) if "[" not in kind and "|" not in kind else kind
             kind = kind.replace(" | ", " or ").replace("<class '", "").replace("'>", "")
             if field.is_required():
                 default = "required"

@@ -26,9 +26,12 @@ import base64
 import binascii
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:  # kubernetes is imported where it is used: `serving` starts without it
+    from kubernetes.client import V1Pod
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 # serving.app's entry points (not imported from there: that would import Ray Serve and the engines)
@@ -39,6 +42,8 @@ GATEWAY_DEPLOYMENT = "gateway"
 # http_token_authentication; KubeRay sends it the same way); `Authorization` is the API server's own
 RAY_AUTH_HEADER = "x-ray-authorization"
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads in the authOptions Secret
+# One of the platform's Serve applications: (application name, model name or None for the gateways, args)
+App = tuple[str, str | None, dict[str, Any]]
 
 
 def add_status_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,7 +69,7 @@ def run_status(args: argparse.Namespace) -> int:
         reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    except Exception as exc:  # kubernetes.config.ConfigException and friends: no usable kubeconfig
+    except Exception as exc:  # noqa: BLE001 - kubernetes.config.ConfigException and friends: no usable kubeconfig
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(status, indent=2) if getattr(args, "output", "text") == "json" else render_text(status))
@@ -137,11 +142,12 @@ def _find_rayservice(custom, namespace: str, name: str | None) -> dict[str, Any]
     raise LookupError(f"{len(ours)} serving RayServices in namespace {namespace} ({names}): pass --name")
 
 
-def _apps_of(rayservice: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
+def _apps_of(rayservice: dict[str, Any]) -> list[App]:
     """The platform's applications in serveConfigV2, the gateways' first: (application name, model
     name or None for the gateways, args). A model's application is named like its one deployment."""
     config = yaml.safe_load(rayservice.get("spec", {}).get("serveConfigV2") or "{}") or {}
-    gateways, models = [], []
+    gateways: list[App] = []
+    models: list[App] = []
     for app in config.get("applications") or []:
         args = app.get("args") or {}
         if app.get("import_path") == GATEWAY_IMPORT_PATH:
@@ -165,19 +171,19 @@ def _app_status(app_name: str, service_status: dict[str, Any]) -> dict[str, str]
     return {"status": app.get("status", "UNKNOWN"), "message": app.get("message", "")}
 
 
-def _app_statuses(apps: list[tuple[str, str | None, dict[str, Any]]],
-                  service_status: dict[str, Any]) -> list[dict[str, str]]:
+def _app_statuses(apps: list[App], service_status: dict[str, Any]) -> list[dict[str, str]]:
     return [{"name": name, **_app_status(name, service_status)} for name, _, _ in apps]
 
 
-def _deployments(apps: list[tuple[str, str | None, dict[str, Any]]], active: dict[str, Any],
-                 serve: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _deployments(apps: list[App], active: dict[str, Any], serve: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per deployment: the gateways', then each model's (read from its own application)."""
     kuberay_apps = active.get("applicationStatuses") or {}
     live_apps = (serve or {}).get("applications") or {}
     (gateway_app, _, gateway_args), *model_apps = apps
     gateway = {"replicas": (gateway_args.get("gateway") or {}).get("replicas", 1)}
-    rows = [(gateway_app, GATEWAY_DEPLOYMENT, "(gateway)", [], gateway)] + [
+    # (application, deployment, model, adapters, its spec)
+    rows: list[tuple[str, str, str | None, list[str], dict[str, Any]]] = [
+        (gateway_app, GATEWAY_DEPLOYMENT, "(gateway)", [], gateway)] + [
         (app, app, model, list(args.get("lora_adapters") or {}), args) for app, model, args in model_apps]
     out = []
     for app, deployment, model, adapters, spec in rows:
@@ -279,7 +285,7 @@ def _ray_auth_headers(core, namespace: str, rayservice: dict[str, Any]) -> dict[
 
 
 def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: str,
-             apps: list[tuple[str, str | None, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+             apps: list[App] | None = None) -> dict[str, Any] | None:
     from kubernetes import client
 
     cluster = service_status.get("rayClusterName")
@@ -288,20 +294,31 @@ def _cluster(api_client, namespace: str, service_status: dict[str, Any], role: s
     pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}")
     groups: dict[str, dict[str, Any]] = {}
     for pod in pods.items:
-        group = (pod.metadata.labels or {}).get("ray.io/group", "?")
+        group, waiting = _pod_state(pod)
         entry = groups.setdefault(group, {"ready": 0, "total": 0, "waiting": []})
         entry["total"] += 1
-        conditions = {c.type: c for c in (pod.status.conditions or [])}
-        if conditions.get("Ready") and conditions["Ready"].status == "True":
+        if waiting is None:
             entry["ready"] += 1
         else:
-            why = conditions.get("PodScheduled")
-            reason = why.message if why is not None and why.status == "False" else pod.status.phase
-            entry["waiting"].append(f"{pod.metadata.name}: {reason}")
+            entry["waiting"].append(waiting)
     out = {"name": cluster, "role": role, "pods": groups}
     if apps:
         out["applications"] = _app_statuses(apps, service_status)
     return out
+
+
+def _pod_state(pod: V1Pod) -> tuple[str, str | None]:
+    """(the pod's Ray worker group, None when it is Ready, else `name: why not` (its scheduling message
+    or its phase)). The API fills metadata and status; a pod without them counts as not ready."""
+    meta, status = pod.metadata, pod.status
+    group = ((meta.labels if meta is not None else None) or {}).get("ray.io/group", "?")
+    conditions = {c.type: c for c in ((status.conditions if status is not None else None) or [])}
+    if conditions.get("Ready") and conditions["Ready"].status == "True":
+        return group, None
+    why = conditions.get("PodScheduled")
+    phase = status.phase if status is not None else None
+    reason = why.message if why is not None and why.status == "False" else phase
+    return group, f"{meta.name if meta is not None else '?'}: {reason}"
 
 
 def render_text(status: dict[str, Any]) -> str:
@@ -311,7 +328,8 @@ def render_text(status: dict[str, Any]) -> str:
     if status["upgrade_in_progress"]:
         lines.append("  upgrade in progress: traffic stays on the active cluster until the new one is ready")
     for cluster in status["clusters"]:
-        pods = ", ".join(f"{g} {p['ready']}/{p['total']} ready" for g, p in sorted(cluster["pods"].items())) or "no pods"
+        pods = (", ".join(f"{g} {p['ready']}/{p['total']} ready" for g, p in sorted(cluster["pods"].items()))
+                or "no pods")
         apps = f"; applications {_app_summary(cluster['applications'])}" if "applications" in cluster else ""
         lines.append(f"  cluster {cluster['name']} ({cluster['role']}): {pods}{apps}")
         for group in cluster["pods"].values():
@@ -327,7 +345,7 @@ def render_text(status: dict[str, Any]) -> str:
                      f"{running}/{d['replicas_target']}" + (f" ({others})" if others else ""),
                      "yes" if d["ready"] else "no"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for d in status["deployments"]:
         if d["adapters"]:
             lines.append(f"  {d['model']} serves LoRA adapters: {', '.join(d['adapters'])}")

@@ -7,11 +7,12 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from serving.config import ConfigError, ServingConfig, load_config
 from serving.gateway.auth import LIMIT_FIELDS, create_key, digest, find_key, revoke_key, update_key
-from serving.gateway.store import RedisStore, build_store
+from serving.gateway.store import Store, build_store
 
 
 def add_keys_parser(subparsers) -> None:
@@ -72,7 +73,7 @@ def run_keys(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _run(args: argparse.Namespace, config: ServingConfig, store: RedisStore) -> int:
+async def _run(args: argparse.Namespace, config: ServingConfig, store: Store) -> int:
     try:
         if args.keys_command == "create":
             key, record = await create_key(store, args.name, models=_models(args.models, config),
@@ -112,7 +113,7 @@ def _models(text: str | None, config: ServingConfig) -> list[str] | None:
     return models
 
 
-async def _subject(store: RedisStore, config: ServingConfig, name: str) -> str:
+async def _subject(store: Store, config: ServingConfig, name: str) -> str:
     for spec in config.auth.keys:  # keys from the configuration are counted under their digest too
         if spec.name == name:
             return digest(spec.key.get_secret_value())
@@ -140,7 +141,7 @@ def _usage_table(usage: dict) -> str:
     return _table(("day", "model", "requests", "cached", "prompt tokens", "completion tokens"), rows)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (header, *rows)]
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
     return "\n".join(lines) if rows else "\n".join(lines) + "\n(none)"

@@ -44,9 +44,9 @@ import logging
 import os
 import secrets
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgpack
 
@@ -336,7 +336,7 @@ class ChannelServer:
         return outbox if hmac.compare_digest(outbox.token.encode(), token.encode()) else None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+        task = _current_task()
         self._handlers.add(task)
         try:
             await self._session(reader, writer)
@@ -365,7 +365,7 @@ class ChannelServer:
     async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Outbox | None:
         """The handshake, within the deadline and the bound on unfinished ones: the outbox of the
         gateway that proved its secret, or None."""
-        task = asyncio.current_task()
+        task = _current_task()
         self._pending[task] = None
         if len(self._pending) > self._max_pending:
             oldest = next(iter(self._pending))  # a flood pushes out its own connections, not new ones
@@ -398,7 +398,7 @@ class ChannelServer:
         await writer.drain()
         return outbox
 
-    async def serve(self, outbox: _Outbox, request_id: str, items: AsyncIterator[Any]) -> None:
+    async def serve(self, outbox: _Outbox, request_id: str, items: AsyncGenerator[Any, None]) -> None:
         """Feed `items` (one request's answer) to the gateway's connection; returns when the answer
         has been handed over. Cancelling it (the gateway cancelled the call) aborts the request."""
 
@@ -429,6 +429,14 @@ class ChannelServer:
             raise
         finally:
             outbox.producers.discard(task)
+
+
+def _current_task() -> asyncio.Task:
+    """The task running the caller: asyncio runs every connection handler as one."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("not called from an asyncio task")
+    return task
 
 
 def _node_ip() -> str:
@@ -474,10 +482,12 @@ class ChannelClient:
         self._queues[request_id] = queue
         return queue
 
-    def bind(self, request_id: str, address: tuple[str, int]) -> None:
-        """The request's answer comes over `address`; if that connection is already gone, it failed."""
-        self._routes[request_id] = address
-        if address not in self._live and request_id in self._queues:
+    def bind(self, request_id: str, address: tuple[str, int] | None) -> None:
+        """The request's answer comes over `address`; if that connection is already gone (or the replica
+        named none), it failed."""
+        if address is not None:
+            self._routes[request_id] = address
+        if (address is None or address not in self._live) and request_id in self._queues:
             self._queues[request_id].put_nowait(Failed("the direct stream to the model replica closed"))
 
     def unregister(self, request_id: str) -> None:
@@ -487,7 +497,8 @@ class ChannelClient:
 
     def connect(self, address: tuple[str, int]) -> None:
         """Connect in the background (once per address); requests use it once the replica sees it."""
-        address = tuple(address)
+        host, port = address  # the dicts below need a tuple, whatever sequence the caller passed
+        address = (host, port)
         task = self._connections.get(address)
         if task is not None and not task.done():
             return

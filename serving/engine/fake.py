@@ -38,8 +38,8 @@ class FakeEngine:
     fail_after: raise after this many tokens of a stream (to test in-band errors).
     """
 
-    def __init__(self, name: str, *, ttft_s: float = 0.0, itl_s: float = 0.0, dim: int = 8, fail_after: int | None = None,
-                 max_model_len: int = 4096):
+    def __init__(self, name: str, *, ttft_s: float = 0.0, itl_s: float = 0.0, dim: int = 8,
+                 fail_after: int | None = None, max_model_len: int = 4096):
         self.name = name
         self.max_model_len = max_model_len
         self.ttft_s, self.itl_s, self.dim, self.fail_after = ttft_s, itl_s, dim, fail_after
@@ -52,7 +52,8 @@ class FakeEngine:
 
     async def stats(self) -> dict[str, float]:
         finished = len(self.started) - self.in_flight - len(self.aborted)
-        return {"unfinished": self.in_flight, "finished": finished, "aborted": len(self.aborted), "generation_tokens": 0}
+        return {"unfinished": self.in_flight, "finished": finished, "aborted": len(self.aborted),
+                "generation_tokens": 0}
 
     async def generate(self, route: Route, body: bytes, request_id: str,
                        timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
@@ -117,7 +118,8 @@ class FakeEngine:
     def _complete(self, route, request, request_id, words, usage, finish) -> dict[str, Any]:
         text = " ".join(words)
         if route == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -147,7 +149,8 @@ class FakeEngine:
             if i:
                 await asyncio.sleep(self.itl_s)
             if self.fail_after is not None and i >= self.fail_after:
-                yield _sse({"error": {"message": "engine failed", "type": "InternalServerError", "param": None, "code": 500}})
+                yield _sse({"error": {"message": "engine failed", "type": "InternalServerError", "param": None,
+                                      "code": 500}})
                 yield "data: [DONE]\n\n"
                 return
             piece = word if i == 0 else " " + word
@@ -172,7 +175,8 @@ class FakeEngine:
         for i, text in enumerate(inputs):
             digest = hashlib.sha256(text.encode()).digest()
             vector = [(digest[j % len(digest)] - 128) / 128 for j in range(self.dim)]
-            embedding: Any = vector if fmt == "float" else base64.b64encode(struct.pack(f"<{self.dim}f", *vector)).decode()
+            embedding: Any = (vector if fmt == "float"
+                              else base64.b64encode(struct.pack(f"<{self.dim}f", *vector)).decode())
             data.append({"object": "embedding", "index": i, "embedding": embedding})
         tokens = sum(len(t.split()) for t in inputs)
         body = {"object": "list", "data": data, "model": request["model"],

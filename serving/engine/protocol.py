@@ -8,7 +8,7 @@ DeploymentHandle (serving.engine.remote.RemoteEngine); tests use serving.engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
+from typing import AsyncIterator, Literal, Protocol, runtime_checkable
 
 Route = Literal["chat", "completion", "embedding"]
 

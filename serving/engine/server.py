@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from serving.config import ModelConfig
-from serving.engine.protocol import Reply, Route
 from serving.engine.channel import Accepted, ChannelServer
+from serving.engine.protocol import Reply, Route
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ class ModelServer:
     Deployed once per model by serving.app; vllm is imported only inside the replica.
     """
 
-    async def __init__(self, model: dict[str, Any], engine: str = "vllm", fake_options: dict[str, Any] | None = None):
+    # Ray Serve awaits an async __init__ (the vLLM engine starts in it); mypy knows only plain classes
+    async def __init__(  # type: ignore[misc]
+            self, model: dict[str, Any], engine: str = "vllm", fake_options: dict[str, Any] | None = None):
         self.model = ModelConfig.model_validate(model)
         self._channel: ChannelServer | None = None  # started on the first call of a direct-streams gateway
         self._channel_lock = asyncio.Lock()
@@ -48,10 +51,10 @@ class ModelServer:
         first = asyncio.ensure_future(anext(items, None))
         try:
             channel = await self._channel_server() if gateway is not None else None
-            outbox = channel.outbox(*gateway) if channel is not None else None
+            outbox = channel.outbox(*gateway) if channel is not None and gateway is not None else None
             via_channel = outbox is not None and outbox.connected
             yield Accepted(channel.address if channel is not None else None, via_channel)
-            if via_channel:
+            if via_channel and channel is not None and outbox is not None:
                 await channel.serve(outbox, request_id, _after(first, items))
                 return
             async for item in _after(first, items):
@@ -96,11 +99,11 @@ class ModelServer:
         if stop is not None:
             try:
                 await stop()
-            except Exception:  # noqa: BLE001 - shutting down; nothing left to tell
+            except Exception:  # shutting down: logged, nothing left to tell
                 logger.exception("stopping the engine of %s", self.model.name)
 
 
-async def _after(first: asyncio.Future, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _after(first: asyncio.Future, items: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
     """`items`, the first of which `first` already asked for."""
     item = await first
     if item is None:

@@ -104,7 +104,8 @@ class VLLMEngine:
             return
         messages: asyncio.Queue = asyncio.Queue()
         disconnected = asyncio.Event()
-        task = asyncio.create_task(self._app(_scope(PATHS[route], request_id), _receiver(body, disconnected), messages.put))
+        scope = _scope(PATHS[route], request_id)
+        task = asyncio.create_task(self._app(scope, _receiver(body, disconnected), messages.put))
         task.add_done_callback(lambda _: messages.put_nowait(_END))
         # the engine ends its own work at the request's deadline: the caller's cancellation may not reach
         # a replica that has not answered anything yet (a non-streamed request)

@@ -72,7 +72,8 @@ def _tokens(dest: str, value: Any) -> list[str]:
 
 
 _KINDS = {"engine_args": "vLLM engine argument", "server_args": "vLLM OpenAI-server option"}
-_MOVE = {"engine_args": "an engine argument: move it to engine_args", "server_args": "a server option: move it to server_args"}
+_MOVE = {"engine_args": "an engine argument: move it to engine_args",
+         "server_args": "a server option: move it to server_args"}
 
 
 def _check_names(model: ModelConfig, where: str) -> list[str]:

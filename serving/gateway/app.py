@@ -15,18 +15,19 @@ from fastapi.responses import JSONResponse
 
 from serving.config import ServingConfig
 from serving.engine.protocol import Engine, Route
+from serving.gateway import schemas as request_schemas
 from serving.gateway.auth import Authenticator, Principal, client_address
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError, install_error_handlers
 from serving.gateway.limits import LEASE_SLACK_S, Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
-from serving.gateway import schemas as request_schemas
 from serving.gateway.routes import openai_route
 from serving.gateway.services import Registry, Services
 from serving.gateway.store import Resilient, Store, build_store
 
-_ROUTES: dict[Route, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
+_ROUTES: dict[Route, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                             "embedding": "/v1/embeddings"}
 _ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type", "param", "code"],
@@ -106,7 +107,7 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
     async def ready(request: Request, svc: Svc) -> JSONResponse:
         names = list(svc.registry.engines)
         states = await asyncio.gather(*(_is_ready(svc.registry.engines[n]) for n in names))
-        return readiness(dict(zip(names, states)), await _viewer(request, svc))
+        return readiness(dict(zip(names, states, strict=True)), await _viewer(request, svc))
 
     @app.get("/v1/models", summary="Models and LoRA adapters served (those the API key may use).")
     async def list_models(request: Request, svc: Svc) -> dict[str, Any]:

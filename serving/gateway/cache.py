@@ -134,7 +134,8 @@ class StreamAssembler:
             if part.get("logprobs"):
                 self._logprobs(choice, part["logprobs"])
             if self.route == "chat":
-                self._delta(choice.setdefault("message", {"role": "assistant", "content": None}), part.get("delta") or {})
+                message = choice.setdefault("message", {"role": "assistant", "content": None})
+                self._delta(message, part.get("delta") or {})
             else:
                 choice["text"] = choice.get("text", "") + (part.get("text") or "")
 

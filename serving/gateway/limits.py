@@ -171,8 +171,8 @@ class Limiter:
         headers["retry-after"] = str(max(1, math.ceil(result.reset_s)))
         if result.refused == "concurrent":
             raise APIError(429, f"Too many concurrent requests for key {principal.name!r}: Limit "
-                                f"{caps.max_concurrent}. Retry when one of them has finished.", code="concurrency_limit_exceeded",
-                           headers=headers)
+                                f"{caps.max_concurrent}. Retry when one of them has finished.",
+                           code="concurrency_limit_exceeded", headers=headers)
         if result.refused == "requests":
             which = f"requests per min (RPM): Limit {principal.rpm}, Used {result.requests}"
         else:

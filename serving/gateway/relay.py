@@ -28,6 +28,14 @@ async def _next(stream: AsyncIterator[Reply | str], deadline: float) -> Reply | 
         return await anext(stream)
 
 
+async def _next_chunk(stream: AsyncIterator[Reply | str], deadline: float) -> str:
+    """The next SSE chunk of a stream: after its `Reply` an engine yields only strings."""
+    chunk = await _next(stream, deadline)
+    if not isinstance(chunk, str):
+        raise RuntimeError(f"engine protocol violation: stream item is {type(chunk).__name__}")
+    return chunk
+
+
 async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) -> Response:
     """Wait for the engine's first item (and first event of a stream) before sending headers."""
     try:
@@ -40,7 +48,7 @@ async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) 
                 return _masked(json.loads(reply.body or b"{}"), reply.status)
             tap.body(reply.status, reply.body or b"")
             return Response(reply.body, status_code=reply.status, media_type="application/json")
-        first = await _next(stream, deadline)
+        first = await _next_chunk(stream, deadline)
     except TimeoutError:
         await close(stream)
         raise APIError(504, "The request timed out before the model answered.", code="timeout") from None
@@ -92,7 +100,7 @@ async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float
             if chunk:
                 yield chunk
             try:
-                chunk = tap.chunk(_mask_errors(await _next(stream, deadline)))
+                chunk = tap.chunk(_mask_errors(await _next_chunk(stream, deadline)))
             except StopAsyncIteration:
                 return
     except TimeoutError:
@@ -107,7 +115,9 @@ async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float
 
 def _masked(payload: dict[str, Any], status: int) -> Response:
     """An engine's error as our envelope: 4xx as the engine said it, 5xx messages masked."""
-    error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        error = {}
     if status < 500:
         return JSONResponse(payload, status_code=status)
     return error_response(status, str(error.get("message", "")), param=error.get("param"), code=error.get("code"))

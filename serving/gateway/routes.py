@@ -95,7 +95,8 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         # usage is needed for token limits and accounting, also of a stream the client cuts short: vLLM's
         # running usage gives its prompt tokens from the first chunk on. What the client did not ask for
         # is taken out again.
-        shows = Shown(usage=include_usage, running=include_usage and bool(options.get("continuous_usage_stats")),
+        running = include_usage and bool((options or {}).get("continuous_usage_stats"))
+        shows = Shown(usage=include_usage, running=running,
                       per_prompt=None if route == "chat" else _choices_per_prompt(payload))
         payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
     if svc.config.cache.prefix_salt == "per_key":  # after the response cache's key: it stays shareable
@@ -238,7 +239,8 @@ class Watch:
         self.metrics.tokens(self.model, usage)
         tokens = (usage or {}).get("completion_tokens") or 0
         if self.first is not None and self.last is not None and tokens > 1:
-            self.metrics.itl.observe((self.last - self.first) / (tokens - 1), {"model": self.model, "route": self.route})
+            self.metrics.itl.observe((self.last - self.first) / (tokens - 1),
+                                     {"model": self.model, "route": self.route})
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def test_httproute_structure():
     assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
     assert set(route) - {"_template"} == {"apiVersion", "kind", "metadata", "spec"}
     assert set(route["spec"]) == {"parentRefs", "hostnames", "rules"}
-    assert route["spec"]["parentRefs"] == [{"name": "public-gateway", "namespace": "gateway-system", "sectionName": "https"}]
+    assert route["spec"]["parentRefs"] == [{"name": "public-gateway", "namespace": "gateway-system",
+                                            "sectionName": "https"}]
     (rule,) = route["spec"]["rules"]
     assert rule == {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
                     "backendRefs": [{"name": FULLNAME, "port": 8000}],
@@ -72,8 +73,8 @@ def test_network_policies_open_only_the_gateway_and_keep_redis_to_ray():
     assert ports == [8000, 8080, 8265]  # gateway, metrics, dashboard (dashboardFrom) — nothing else from outside
     redis = one(objects, "NetworkPolicy", "-redis")
     heads = [{"key": "ray.io/node-type", "operator": "In", "values": ["head", "redis-cleanup"]}]
-    assert redis["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": RAY_PODS, "matchExpressions": heads}}],
-                                         "ports": [{"port": 6379, "protocol": "TCP"}]}]
+    ray_pods = {"podSelector": {"matchLabels": RAY_PODS, "matchExpressions": heads}}
+    assert redis["spec"]["ingress"] == [{"from": [ray_pods], "ports": [{"port": 6379, "protocol": "TCP"}]}]
 
 
 def test_pod_disruption_budgets_cover_the_head_and_each_group():

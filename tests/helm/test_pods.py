@@ -110,7 +110,8 @@ def test_ray_containers_get_their_configuration_and_secrets_from_the_environment
 def test_every_secret_reference_resolves(scenario):
     """Each secretKeyRef names a Secret the chart renders (with that key) or one the values name."""
     values = scenario_values(scenario)
-    rendered = {o["metadata"]["name"]: set(o.get("data", {})) for o in scenario_objects(scenario) if o["kind"] == "Secret"}
+    rendered = {o["metadata"]["name"]: set(o.get("data", {}))
+                for o in scenario_objects(scenario) if o["kind"] == "Secret"}
     external = {values.get("huggingface", {}).get("existingSecret"),
                 values.get("redis", {}).get("external", {}).get("existingSecret"),
                 values.get("redis", {}).get("auth", {}).get("existingSecret"),

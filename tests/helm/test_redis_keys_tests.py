@@ -48,7 +48,8 @@ def test_external_redis_replaces_the_bundled_one():
     assert not [o for o in objects if "redis" in o["metadata"]["name"]]
     env = ray_env(objects)
     assert env["SERVING_REDIS__URL"]["value"] == "rediss://redis.example.internal:6380/2"
-    assert env["SERVING_REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
+    assert env["SERVING_REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth",
+                                                                            "key": "redis-password"}
     assert env["SERVING_AUTH__KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "serving-api-keys", "key": "keys.json"}
     ft = one(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft == {"redisAddress": "rediss://redis.example.internal:6380",  # TLS stays TLS for Ray's GCS

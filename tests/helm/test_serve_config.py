@@ -199,7 +199,8 @@ def test_every_replica_fits_a_node_type_as_rays_autoscaler_sees_it(scenario):
         assert fitting, f"{model.name} needs {need}; node types: {node_types}"
         most = options.get("autoscaling_config", {}).get("max_replicas") or options["num_replicas"]
         capacity = sum(
-            node_types[n]["max_workers"] * int(min(node_types[n]["resources"].get(k, 0) / v for k, v in need.items() if v))
+            node_types[n]["max_workers"]
+            * int(min(node_types[n]["resources"].get(k, 0) / v for k, v in need.items() if v))
             for n in fitting)
         assert capacity >= most, f"{model.name}: room for {capacity} replicas, needs {most}"
     gateway = load_config(data=gateway_args(rayservice)).gateway

@@ -41,7 +41,8 @@ def test_values_yaml_points_editors_at_the_schema():
 
 def test_schema_is_generated_from_the_current_values_and_configuration_model():
     fresh = (CHART / "values.schema.json").read_text() == _gen_schema().render()
-    assert fresh, "values.schema.json is stale (values.yaml or serving/config.py changed): run python helm/gen_schema.py"
+    assert fresh, ("values.schema.json is stale (values.yaml or serving/config.py changed): "
+                   "run python helm/gen_schema.py")
 
 
 def test_configuration_sections_are_the_configuration_models():

@@ -37,7 +37,8 @@ def test_default_is_one_gpu_group_of_one_pod():
     assert (gpu["minReplicas"], gpu["maxReplicas"], gpu["replicas"]) == (1, 1, 1)
     assert limits(gpu) == {"nvidia.com/gpu": 1}
     assert gpu["rayStartParams"]["num-gpus"] == "1"
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["template"]["spec"]["tolerations"]
+    gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert gpu_taint in gpu["template"]["spec"]["tolerations"]
 
 
 def test_h100_scenario_pins_the_group_to_h100_nodes():

@@ -98,7 +98,8 @@ def one_round(http: httpx.Client, limited_key: str, n: int) -> int:
     # 401s without a key, and the rpm=1 key: one 200 in the first round, 429s after it
     statuses += [http.post("/chat/completions", json=_chat("demo-chat", "no key")).status_code for _ in range(RARE)]
     limited = {"authorization": f"Bearer {limited_key}", **NO_CACHE}
-    statuses += [http.post("/embeddings", json={"model": EMBED, "input": f"limited {n} {i}"}, headers=limited).status_code
+    statuses += [http.post("/embeddings", json={"model": EMBED, "input": f"limited {n} {i}"},
+                           headers=limited).status_code
                  for i in range(RARE + (n == 0))]
     assert statuses.count(401) == RARE and statuses.count(429) == RARE, statuses
     assert all(s in (200, 401, 429) for s in statuses), statuses
@@ -279,7 +280,7 @@ def test_dashboard_and_alert_metrics_exist_with_their_labels(loaded, prometheus)
 
 def test_alert_expressions_run_and_stay_silent_on_a_healthy_platform(loaded, prometheus):
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    for name, expr in rules.items():
+    for expr in rules.values():
         promql(prometheus, expr)  # asserts status success
     for name in ("ServingHighErrorRatio", "ServingModelNoHealthyReplica", "ServingGatewayNoHealthyReplica",
                  "ServingMetricsAbsent", "ServingMetricsTargetDown", "ServingKVCacheSaturated"):

@@ -100,13 +100,14 @@ def test_replica_killed_mid_stream(platform, client):
 
     assert wait_until(refused, timeout=20, step=0.2), loading and loading.text
     # other models are not affected while demo-chat-b is down
-    other = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    other = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4)
     assert other.choices[0].message.content
     assert loading.status_code == 503 and loading.headers["retry-after"] == "5", loading.text
     assert loading.json()["error"]["code"] == "model_not_ready"
     # Ray Serve replaces the replica; the SDK's own retries carry a request through
-    assert wait_until(lambda: replicas("model-demo-chat-b") and replicas("model-demo-chat-b")[0]["Name"] != victim[0]["Name"],
-                      timeout=240)
+    assert wait_until(lambda: replicas("model-demo-chat-b")
+                      and replicas("model-demo-chat-b")[0]["Name"] != victim[0]["Name"], timeout=240)
     # the replacement actor exists at once; loading its engine takes 20-60 s here, past the SDK's retries
     assert wait_until(lambda: _running("model-demo-chat-b") == 1, timeout=240)
     patient = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=8, timeout=120, default_headers=NO_CACHE)
@@ -199,7 +200,8 @@ class Load:
         return [r for r in self.results if r[1] != 200 and (model is None or r[0] == model)]
 
     def summary(self) -> str:
-        return f"sent {len(self.results)}, succeeded {len(self.results) - len(self.failed())}, failed {len(self.failed())}"
+        failed = len(self.failed())
+        return f"sent {len(self.results)}, succeeded {len(self.results) - failed}, failed {failed}"
 
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "steady"}], "max_tokens": 40, "stream": True}
@@ -278,7 +280,8 @@ def test_malformed_bodies(http):
         assert response.status_code == status, (name, response.text)
     huge = http.post("/v1/chat/completions", content=b"x" * (5 * 2**20), headers={"content-type": "application/json"})
     assert huge.status_code == 413
-    form = http.post("/v1/chat/completions", content=b"a=b", headers={"content-type": "application/x-www-form-urlencoded"})
+    form = http.post("/v1/chat/completions", content=b"a=b",
+                     headers={"content-type": "application/x-www-form-urlencoded"})
     assert form.status_code == 415
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -93,10 +94,8 @@ def fake_gateway() -> str:
     thread.join(timeout=10)
 
 
-def run_module(args: list[str], timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+def run_module(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python -m <args>` from the repository root (how users run loadtests/)."""
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)

@@ -121,7 +121,8 @@ def test_two_runs_side_by_side(fake_gateway, tmp_path):
                            str(tmp_path / model), "--api-key", TEST_KEY])
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "versus"
-    done = run_module(["loadtests.versus", f"slow={tmp_path / 'fake-a'}", f"fast={tmp_path / 'fake-b'}", "--out", str(out)])
+    done = run_module(["loadtests.versus", f"slow={tmp_path / 'fake-a'}", f"fast={tmp_path / 'fake-b'}",
+                       "--out", str(out)])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with (out / "versus.csv").open() as f:
         rows = {(r["kind"], r["run"]): r for r in csv.DictReader(f)}

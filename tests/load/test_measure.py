@@ -12,7 +12,8 @@ from serving.compare import StreamMeter, load_prompts, measure_body, scores
 
 
 def chunk(text: str | None = None, finish: str | None = None, usage: int | None = None) -> str:
-    choices = [] if text is None and finish is None else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]
+    choices = ([] if text is None and finish is None
+               else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}])
     event = {"choices": choices}
     if usage is not None:
         event["usage"] = {"prompt_tokens": 3, "completion_tokens": usage}
@@ -76,7 +77,8 @@ def test_scores_ignore_case_and_spacing():
 
 def test_prompts_from_file_and_generated(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "a"}\n\n# a comment\n"plain string"\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    path.write_text('{"prompt": "a"}\n\n# a comment\n"plain string"\n'
+                    '{"messages": [{"role": "user", "content": "b"}]}\n')
     items = load_prompts(path)
     assert [i["id"] for i in items] == ["1", "2", "3"] and items[1]["prompt"] == "plain string"
     body = generation_body(items[2], "m", chat=False, stream=True, max_tokens=5, ignore_eos=True)
@@ -97,12 +99,14 @@ def test_prompts_from_file_and_generated(tmp_path):
 
 def test_report_summary_from_samples(tmp_path):
     prefix = tmp_path / "run"
-    rows = ["start,end,user,kind,model,ok,error,status,latency_ms,ttft_ms,tpot_ms,output_tokens,prompt_tokens,tokens_per_s,cache",
+    rows = ["start,end,user,kind,model,ok,error,status,latency_ms,ttft_ms,tpot_ms,output_tokens,prompt_tokens,"
+            "tokens_per_s,cache",
             "100.0,100.5,U,chat-stream,m,1,,200,500,100,10,41,5,82,",
             "100.2,101.2,U,chat-stream,m,1,,200,1000,300,17.5,41,5,41,",
             "101.0,101.1,U,chat-stream,m,0,boom,500,100,,,,,,"]
     (tmp_path / "run_llm_requests.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "run_llm_itl.csv").write_text("time,kind,model,itl_ms\n100.2,chat-stream,m,10\n100.3,chat-stream,m,20\n")
+    (tmp_path / "run_llm_itl.csv").write_text("time,kind,model,itl_ms\n"
+                                              "100.2,chat-stream,m,10\n100.3,chat-stream,m,20\n")
     summary, files = report.build(prefix)
     row = summary[0]
     assert (row["kind"], row["model"], row["requests"], row["failures"]) == ("chat-stream", "m", 3, 1)

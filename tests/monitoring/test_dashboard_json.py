@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from loadtests.dashboard_plots import KEY_PANELS, load_dashboard, panel, panels, substitute
-from tests.monitoring.promql import (DASHBOARD, balanced, gateway_metric_names, known_metric_names, metric_names,
-                                     promtool_parse)
+from tests.monitoring.promql import (
+    DASHBOARD,
+    balanced,
+    gateway_metric_names,
+    known_metric_names,
+    metric_names,
+    promtool_parse,
+)
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # what the dashboard must show (docs/observability.md and the issue): a title per need

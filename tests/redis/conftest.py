@@ -8,15 +8,17 @@ server is started again before the next test.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 import pytest_asyncio
 import redis
 
-from tests.support import RedisServer
-from tests.support import no_serving_env  # noqa: F401 - autouse fixture
+from tests.support import (
+    RedisServer,
+    no_serving_env,  # noqa: F401 - autouse fixture
+)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:

@@ -10,8 +10,13 @@ import openai
 
 from serving.config import ServingConfig, load_config
 from serving.engine.fake import FakeEngine
-from tests.support import (  # noqa: F401 - re-exported for the redis tests
-    assert_envelope, sse_json, sse_payloads, stream_and_hang_up, wait_for)
+
+# re-exported for the redis tests (`x as x` marks a re-export)
+from tests.support import assert_envelope as assert_envelope
+from tests.support import sse_json as sse_json
+from tests.support import sse_payloads as sse_payloads
+from tests.support import stream_and_hang_up as stream_and_hang_up
+from tests.support import wait_for as wait_for
 
 CHAT = [{"role": "user", "content": "one two three four"}]  # 4 prompt tokens for the FakeEngine
 PROMPT_TOKENS = 4

@@ -80,7 +80,7 @@ async def test_same_x_request_id_from_two_keys_gets_each_its_own_answer(gateway,
 
     async with client_for(app, ALICE) as a, client_for(app, bob) as b:
         answers = await asyncio.wait_for(asyncio.gather(ask(ALICE, a), ask(bob, b)), timeout=10)
-    for key, answer in zip((ALICE, bob), answers):
+    for key, answer in zip((ALICE, bob), answers, strict=True):
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-request-id"] == SAME  # echoed, nothing more
         if stream:

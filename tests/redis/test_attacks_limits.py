@@ -24,8 +24,18 @@ from serving.engine.protocol import EngineUnavailable
 from serving.gateway.auth import create_key, digest
 from serving.gateway.limits import BYTES_PER_TOKEN
 from serving.gateway.store import MemoryStore, RedisStore, Resilient, StoreBusy, StoreUnavailable
-from tests.redis.support import (PROMPT_TOKENS, assert_envelope, chat_body, client_for, make_engines, post_chat,
-                                 ratelimit_headers, settle, stream_and_hang_up, wait_for)
+from tests.redis.support import (
+    PROMPT_TOKENS,
+    assert_envelope,
+    chat_body,
+    client_for,
+    make_engines,
+    post_chat,
+    ratelimit_headers,
+    settle,
+    stream_and_hang_up,
+    wait_for,
+)
 from tests.redis.test_limits import keys_cli
 
 FLOOD = 300
@@ -346,7 +356,7 @@ async def test_concurrency_cap_holds_and_every_ending_releases_the_slot(gateway,
         class Down(FakeEngine):
             async def generate(self, *args, **kwargs):
                 raise EngineUnavailable("no replica")
-                yield  # noqa: unreachable - an async generator
+                yield  # never reached: the yield makes generate an async generator
 
         app.state.services.registry.engines["tiny"] = Down("tiny")
         assert_envelope(await post_chat(client, temperature=0.5), 503, code="model_not_ready")

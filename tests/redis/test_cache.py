@@ -14,8 +14,19 @@ from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Reply
 from serving.gateway.auth import create_key
 from serving.gateway.store import MemoryStore
-from tests.redis.support import (CHAT, PROMPT_TOKENS, chat_body, client_for, make_engines, post_chat, sdk_for,
-                                 settle, sse_json, stream_and_hang_up, wait_for)
+from tests.redis.support import (
+    CHAT,
+    PROMPT_TOKENS,
+    chat_body,
+    client_for,
+    make_engines,
+    post_chat,
+    sdk_for,
+    settle,
+    sse_json,
+    stream_and_hang_up,
+    wait_for,
+)
 
 
 def cache_keys(redis_client) -> list[bytes]:

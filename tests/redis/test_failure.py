@@ -13,8 +13,16 @@ import serving.gateway.auth as auth
 from serving.engine.fake import FakeEngine
 from serving.gateway.auth import create_key
 from serving.gateway.store import RedisStore, Resilient, StoreUnavailable
-from tests.redis.support import (assert_envelope, client_for, make_engines, post_chat, ratelimit_headers,
-                                 settle, sse_json, wait_for)
+from tests.redis.support import (
+    assert_envelope,
+    client_for,
+    make_engines,
+    post_chat,
+    ratelimit_headers,
+    settle,
+    sse_json,
+    wait_for,
+)
 
 TIMEOUT_S = 0.2
 RETRY_S = 0.5

@@ -20,8 +20,21 @@ import msgpack
 import pytest
 
 from serving.engine import channel as channel_module
-from serving.engine.channel import (END, MAX_HELLO_BYTES, NONCE_BYTES, ChannelClient, ChannelServer, Failed,
-                                    ProtocolError, _frame, _proof, _read_frame, _SIZE, _unpack, encode_frames)
+from serving.engine.channel import (
+    _SIZE,
+    END,
+    MAX_HELLO_BYTES,
+    NONCE_BYTES,
+    ChannelClient,
+    ChannelServer,
+    Failed,
+    ProtocolError,
+    _frame,
+    _proof,
+    _read_frame,
+    _unpack,
+    encode_frames,
+)
 from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Reply
 from serving.engine.remote import RemoteEngine
@@ -41,7 +54,7 @@ class Call:
             async for item in agen:
                 self.queue.put_nowait(("item", item))
             self.queue.put_nowait(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller as Ray would
+        except BaseException as exc:  # handed to the caller as Ray would
             self.queue.put_nowait(("error", exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -293,7 +306,8 @@ async def challenge(address: tuple[str, int]) -> tuple[asyncio.StreamReader, asy
 
 def proof_frame(gateway: str, secret: str, server_nonce: bytes) -> bytes:
     client_nonce = os.urandom(NONCE_BYTES)
-    return _frame(msgpack.packb([gateway, client_nonce, _proof(secret, b"gateway", server_nonce, client_nonce, gateway)]))
+    proof = _proof(secret, b"gateway", server_nonce, client_nonce, gateway)
+    return _frame(msgpack.packb([gateway, client_nonce, proof]))
 
 
 async def closed_without_a_byte(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
@@ -443,7 +457,7 @@ async def test_idle_and_slow_connectors_do_not_keep_the_gateway_out() -> None:
         idle = [await asyncio.open_connection(*channel.address) for _ in range(100)]
         # the bound: each newcomer beyond 16 pushes out the oldest unproven one at once, long before
         # the deadline (so a flood holds 16 sockets, not one per connect)
-        for reader, writer in idle[:100 - 16]:
+        for reader, _writer in idle[:100 - 16]:
             await asyncio.wait_for(reader.read(), 1)
             assert reader.at_eof()
         assert len(channel._pending) == 16 and channel.refused == 100 - 16

@@ -201,7 +201,8 @@ def test_bad_model_name(name: str) -> None:
 
 
 def test_name_pattern_accepts_hub_like_names() -> None:
-    config = load_config(data={"models": [{"name": "org/Model-7B_v1.5:q4", "source": "/m"}, {"name": "x" * 128, "source": "/x"}]})
+    config = load_config(data={"models": [{"name": "org/Model-7B_v1.5:q4", "source": "/m"},
+                                          {"name": "x" * 128, "source": "/x"}]})
     assert config.models[0].deployment_name == "model-org-Model-7B_v1-5-q4"
 
 
@@ -236,7 +237,8 @@ def test_autoscaling_needs_target_ongoing_requests() -> None:
     (with_model(autoscaling={"target_ongoing_requests": 1, "min_replicas": -1}), "models[0].autoscaling.min_replicas"),
     (with_model(autoscaling={"target_ongoing_requests": 1, "max_replicas": 0, "min_replicas": 0}),
      "models[0].autoscaling.max_replicas"),
-    (with_model(autoscaling={"target_ongoing_requests": 1, "upscale_delay_s": -1}), "models[0].autoscaling.upscale_delay_s"),
+    (with_model(autoscaling={"target_ongoing_requests": 1, "upscale_delay_s": -1}),
+     "models[0].autoscaling.upscale_delay_s"),
     (with_model(autoscaling={"target_ongoing_requests": 1, "downscale_delay_s": -1}),
      "models[0].autoscaling.downscale_delay_s"),
     ({"gateway": {"port": 0}}, "gateway.port"),

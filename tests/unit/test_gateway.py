@@ -24,8 +24,12 @@ from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Engine, Reply
 from serving.gateway.app import create_app
 from tests import support
-from tests.support import sse_json, sse_payloads, stream_and_hang_up, wait_for
-from tests.support import no_serving_env  # noqa: F401 - autouse fixture
+from tests.support import (
+    no_serving_env,  # noqa: F401 - autouse fixture
+    sse_json,
+    stream_and_hang_up,
+    wait_for,
+)
 
 MASKED = "The server had an error while processing your request."
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -282,7 +286,8 @@ async def test_wrong_route_for_model_kind(client: httpx.AsyncClient, engines, pa
 # ---------------------------------------------------------------------------- request validation
 
 
-@pytest.mark.parametrize("raw", [b'{"model": "tiny", ', b"", b"not json", b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000])
+@pytest.mark.parametrize("raw", [b'{"model": "tiny", ', b"", b"not json", b"\xff\xfe{}",
+                                 b"[" * 100_000 + b"]" * 100_000])
 async def test_malformed_json_is_400(client: httpx.AsyncClient, raw: bytes) -> None:
     response = await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert_envelope(response, 400)
@@ -777,16 +782,16 @@ async def test_openapi_schema_lists_the_api(client: httpx.AsyncClient) -> None:
 # what vLLM 0.32 streams with stream_options {include_usage, continuous_usage_stats} (captured from
 # plain vLLM on the demo model; ids shortened): chat with n=2, and completions of two prompts
 _CHAT_N2 = [
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',  # noqa: E501
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',  # noqa: E501
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',  # noqa: E501
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"et"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":23,"completion_tokens":2,"completion_tokens_details":null}}',  # noqa: E501
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',  # noqa: E501
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"et"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":23,"completion_tokens":2,"completion_tokens_details":null}}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',
 ]
 _COMPLETIONS_2 = [
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":1,"text":"W","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1}}',  # noqa: E501
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"H","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":9,"completion_tokens":1}}',  # noqa: E501
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"it","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":10,"completion_tokens":2}}',  # noqa: E501
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":1,"text":"W","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1}}',
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"H","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":9,"completion_tokens":1}}',
+    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"it","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":10,"completion_tokens":2}}',
 ]
 _FINAL = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":21,"total_tokens":27,"completion_tokens":6},"system_fingerprint":"vllm-0.32.0"}'  # noqa: E501
 

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-GATEWAY_MODULES = ["serving.gateway.app", "serving.app", "serving.engine.remote", "serving.engine.fake", "serving.config"]
+GATEWAY_MODULES = ["serving.gateway.app", "serving.app", "serving.engine.remote", "serving.engine.fake",
+                   "serving.config"]
 
 PROBE = """
 import json, sys

@@ -59,7 +59,8 @@ def kuberay_status(chat_app="RUNNING", chat_status="HEALTHY", ready=True, pendin
         "numServeEndpoints": 2 if ready else 0,
         "observedGeneration": 1,
         "conditions": [
-            {"type": "Ready", "status": "True" if ready else "False", "reason": "NonZeroServeEndpoints" if ready else "Initializing",
+            {"type": "Ready", "status": "True" if ready else "False",
+             "reason": "NonZeroServeEndpoints" if ready else "Initializing",
              "message": "", "lastTransitionTime": "2026-11-25T10:00:00Z"},
             {"type": "UpgradeInProgress", "status": "True" if pending else "False",
              "reason": "BothActivePendingClustersExist" if pending else "NoPendingCluster",
@@ -105,7 +106,8 @@ def serve_details(chat_states=("RUNNING",), embed_states=("RUNNING", "RUNNING"))
 def pod(name: str, cluster: str, group: str, ready: bool = True, unschedulable: str = "") -> dict:
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     if unschedulable:
-        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable})
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                           "message": unschedulable})
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": NS, "labels": {"ray.io/cluster": cluster, "ray.io/group": group}},
             "status": {"phase": "Running" if ready else "Pending", "conditions": conditions}}
@@ -260,7 +262,8 @@ def test_fixtures_have_the_shapes_kuberay_and_ray_produce():
     ServeInstanceDetails.model_validate(serve_details())
     ServeInstanceDetails.model_validate(serve_details(("STARTING",)))
     # the fixtures name the example's applications, which serving.app's entry points build
-    from serving import app as serving_app, k8s
+    from serving import app as serving_app
+    from serving import k8s
 
     # the chart turns Ray's token auth on and names its Secret, which the fake serves
     auth_options = example_rayservice()["spec"]["rayClusterConfig"]["authOptions"]

@@ -46,7 +46,7 @@ class Call:
             async for item in agen:
                 self.queue.put_nowait(("item", item))
             self.queue.put_nowait(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller as Ray would
+        except BaseException as exc:  # handed to the caller as Ray would
             self.queue.put_nowait(("error", exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -125,7 +125,7 @@ async def test_one_x_request_id_on_two_requests_over_direct_streams(stream: bool
                 client.post("/v1/chat/completions", json=body(p, stream), headers={"x-request-id": SAME})
                 for p in prompts)), timeout=10)
         assert outbox.frames > frames  # the answers came over the direct stream
-        for prompt, answer in zip(prompts, answers):
+        for prompt, answer in zip(prompts, answers, strict=True):
             assert answer.status_code == 200, answer.text
             assert text_of(answer) == expected_text(prompt)  # each got its own answer
             assert answer.headers["x-request-id"] == SAME  # the client's id is echoed

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from serving.app import (APP_NAME, GATEWAY_MODEL_FIELDS, build_apps, gateway_args, gateway_version, model_version,
-                         rollout_plan, serve_config)
+from serving.app import (
+    APP_NAME,
+    GATEWAY_MODEL_FIELDS,
+    build_apps,
+    gateway_args,
+    gateway_version,
+    model_version,
+    rollout_plan,
+    serve_config,
+)
 from serving.config import ServingConfig, load_config
 
 MODELS = [
@@ -20,7 +28,8 @@ MODELS = [
 
 
 def config(**changes) -> ServingConfig:
-    data = {"models": [dict(m) for m in MODELS], "auth": {"enabled": True, "keys": [{"name": "k", "key": "sk-" + "x" * 30}]}}
+    data = {"models": [dict(m) for m in MODELS],
+            "auth": {"enabled": True, "keys": [{"name": "k", "key": "sk-" + "x" * 30}]}}
     for name, change in changes.items():
         if name in ("gateway", "limits", "cache"):
             data[name] = change
