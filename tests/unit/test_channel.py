@@ -327,7 +327,9 @@ async def still_streams(server: ModelServer, client: ChannelClient, remote: Remo
 
 async def test_the_replica_listens_where_ray_says_the_node_is_not_everywhere(monkeypatch) -> None:
     ray = pytest.importorskip("ray")
-    outside = ChannelServer()  # outside Ray (here): loopback only
+    # outside Ray: loopback only (the integration tests' Ray may be up in this process: say it is not)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    outside = ChannelServer()
     host, _ = await outside.start()
     assert host == "127.0.0.1" and outside._server.sockets[0].getsockname()[0] == "127.0.0.1"
     await outside.stop()
