@@ -121,6 +121,19 @@ def gateway_args(config: ServingConfig) -> dict[str, Any]:
     return args
 
 
+def gateway_build_args(config: ServingConfig) -> dict[str, Any]:
+    """`gateway_args` less the replica count: what the gateway replicas are built from (a change rolls
+    them), as opposed to how many run (a deployment setting, applied in place)."""
+    args = gateway_args(config)
+    args["gateway"] = {k: v for k, v in args["gateway"].items() if k != "replicas"}
+    return args
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what json cannot write itself: a secret's value (the replicas need it), else str()."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 def _version(*parts: Any) -> str:
     """A deployment version from what its replicas are built from.
 
@@ -128,10 +141,7 @@ def _version(*parts: Any) -> str:
     redeploying an unchanged application would restart its replicas. With it, a redeploy restarts
     only deployments whose own arguments changed; replica counts scale in place. (On KubeRay's
     serveConfigV2 path Serve versions each application by its args instead: the same effect.)"""
-    def reveal(value: Any) -> Any:
-        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-
-    text = json.dumps([__version__, *parts], sort_keys=True, default=reveal)
+    text = json.dumps([__version__, *parts], sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -145,9 +155,7 @@ def model_version(model: ModelConfig, engine: str = "vllm", fake_options: dict[s
 def gateway_version(config: ServingConfig) -> str:
     """The version of the gateway deployment: a change rolls the gateways, one replica at a time.
     The replica count is a deployment setting: changing it scales in place."""
-    args = gateway_args(config)
-    args["gateway"] = {k: v for k, v in args["gateway"].items() if k != "replicas"}
-    return _version(args)
+    return _version(gateway_build_args(config))
 
 
 def build_model_app(model: ModelConfig, *, engine: str = "vllm", fake_options: dict[str, Any] | None = None):
@@ -231,12 +239,8 @@ def serve_config(config: ServingConfig) -> dict[str, Any]:
     Each application's args are what its replicas are built from; fixed replica counts are in its
     `deployments` overrides, so that changing them scales in place. Secrets are in it in clear
     (the chart passes them by environment instead): write it only where they may be."""
-    def reveal(value: Any) -> Any:
-        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-
     gateway = config.gateway
-    args = gateway_args(config)
-    args["gateway"] = {k: v for k, v in args["gateway"].items() if k != "replicas"}
+    args = gateway_build_args(config)
     applications: list[dict[str, Any]] = [
         {"name": APP_NAME, "import_path": GATEWAY_IMPORT_PATH, "route_prefix": "/", "args": args,
          "deployments": [{"name": "gateway", "num_replicas": gateway.replicas}]}]
@@ -249,7 +253,7 @@ def serve_config(config: ServingConfig) -> dict[str, Any]:
         applications.append(application)
     config_file = {"proxy_location": "EveryNode", "http_options": {"host": gateway.host, "port": gateway.port},
                    "applications": applications}
-    return json.loads(json.dumps(config_file, default=reveal))
+    return json.loads(json.dumps(config_file, default=_plain))
 
 
 def gateway_builder(args: dict[str, Any]):

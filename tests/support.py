@@ -27,6 +27,58 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class RayCall:
+    """Stands in for a streaming Ray call: the replica's generator runs in a task of its own, items and
+    errors reach the caller as Ray hands them over, and cancel() cancels the task (as Ray's cancel)."""
+
+    def __init__(self, agen):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._pump(agen))
+
+    async def _pump(self, agen) -> None:
+        try:
+            async for item in agen:
+                self.queue.put_nowait(("item", item))
+            self.queue.put_nowait(("end", None))
+        except BaseException as exc:  # handed to the caller as Ray would
+            self.queue.put_nowait(("error", exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        kind, value = await self.queue.get()
+        if kind == "end":
+            raise StopAsyncIteration
+        if kind == "error":
+            raise RuntimeError(f"call failed: {value!r}")
+        return value
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+
+class ReplicaHandle:
+    """Stands in for a DeploymentHandle to one ModelServer replica (`server`); `calls` are its RayCalls."""
+
+    def __init__(self, server: Any):
+        self.server, self.calls = server, []
+
+    def options(self, **_: Any) -> "ReplicaHandle":
+        return self
+
+    @property
+    def generate(self) -> "ReplicaHandle":
+        return self
+
+    def remote(self, *args: Any) -> RayCall:
+        call = RayCall(self.server.generate(*args))
+        self.calls.append(call)
+        return call
+
 class RedisServer:
     """One redis-server process that can be stopped and started again on the same port."""
 

@@ -1,6 +1,6 @@
 """Direct streams (serving.engine.channel) between a ModelServer and a gateway's RemoteEngines.
 
-Ray is simulated by `Handle`: each call runs ModelServer.generate in a task of its own, and
+Ray is simulated by `tests.support.ReplicaHandle`: each call runs ModelServer.generate in a task of its own, and
 cancelling the call cancels that task where it waits, as Ray Serve does in a replica. Everything else
 is the real code: the ModelServer with a FakeEngine, its ChannelServer on a loopback port, the
 gateway's ChannelClient and RemoteEngine. The attacks at the end speak to that port over real TCP.
@@ -39,60 +39,11 @@ from serving.engine.fake import FakeEngine
 from serving.engine.protocol import Reply
 from serving.engine.remote import RemoteEngine
 from serving.engine.server import ModelServer
-from tests.support import wait_for
+from tests.support import RayCall, ReplicaHandle, wait_for
 
 
-class Call:
-    """A streaming call: the replica's generator runs in its own task; cancel() cancels that task."""
-
-    def __init__(self, agen):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._pump(agen))
-
-    async def _pump(self, agen) -> None:
-        try:
-            async for item in agen:
-                self.queue.put_nowait(("item", item))
-            self.queue.put_nowait(("end", None))
-        except BaseException as exc:  # handed to the caller as Ray would
-            self.queue.put_nowait(("error", exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        kind, value = await self.queue.get()
-        if kind == "end":
-            raise StopAsyncIteration
-        if kind == "error":
-            raise RuntimeError(f"call failed: {value!r}")
-        return value
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-
-class Handle:
-    def __init__(self, server: ModelServer):
-        self.server, self.calls = server, []
-
-    def options(self, **_: Any) -> "Handle":
-        return self
-
-    @property
-    def generate(self) -> "Handle":
-        return self
-
-    def remote(self, *args: Any) -> Call:
-        call = Call(self.server.generate(*args))
-        self.calls.append(call)
-        return call
-
-
-def remote_calls(remote: RemoteEngine) -> list[Call]:
-    return remote._generate.calls  # Handle.generate is the Handle itself
+def remote_calls(remote: RemoteEngine) -> list[RayCall]:
+    return remote._generate.calls  # ReplicaHandle.generate is the handle itself
 
 
 class Server(ModelServer):
@@ -137,7 +88,7 @@ async def harness(server_options: dict | None = None, client_options: dict | Non
         server._channel = ChannelServer(**server_options)
         await server._channel.start()
     client = ChannelClient(**(client_options or {}))
-    remote = RemoteEngine(Handle(server), channel=client)
+    remote = RemoteEngine(ReplicaHandle(server), channel=client)
     try:
         yield fake, server, client, remote
     finally:

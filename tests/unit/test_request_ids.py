@@ -8,7 +8,7 @@ client's.
 
 The direct-stream test runs the whole path but Ray: the gateway app, a RemoteEngine with a
 ChannelClient, a ModelServer with a FakeEngine whose ChannelServer listens on a loopback port (real
-TCP), and a stand-in for Ray's call (`Handle`, as in test_channel.py).
+TCP), and a stand-in for Ray's call (`tests.support.ReplicaHandle`, as in test_channel.py).
 """
 
 from __future__ import annotations
@@ -27,60 +27,11 @@ from serving.engine.remote import RemoteEngine
 from serving.engine.server import ModelServer
 from serving.gateway.app import create_app
 from tests.redis.support import client_for, make_config, sse_json
-from tests.support import no_serving_env, wait_for  # noqa: F401 - autouse fixture
+from tests.support import ReplicaHandle, no_serving_env, wait_for  # noqa: F401 - autouse fixture
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 TINY = [{"name": "tiny", "source": "/models/tiny"}]
 SAME = "same-id-1"
-
-
-class Call:
-    """A streaming Ray call: the replica's generator runs in a task of its own; cancel() cancels it."""
-
-    def __init__(self, agen):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._pump(agen))
-
-    async def _pump(self, agen) -> None:
-        try:
-            async for item in agen:
-                self.queue.put_nowait(("item", item))
-            self.queue.put_nowait(("end", None))
-        except BaseException as exc:  # handed to the caller as Ray would
-            self.queue.put_nowait(("error", exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        kind, value = await self.queue.get()
-        if kind == "end":
-            raise StopAsyncIteration
-        if kind == "error":
-            raise RuntimeError(f"call failed: {value!r}")
-        return value
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-
-class Handle:
-    """Stands in for a DeploymentHandle to one ModelServer replica."""
-
-    def __init__(self, server: ModelServer):
-        self.server = server
-
-    def options(self, **_: Any) -> "Handle":
-        return self
-
-    @property
-    def generate(self) -> "Handle":
-        return self
-
-    def remote(self, *args: Any) -> Call:
-        return Call(self.server.generate(*args))
 
 
 class Server(ModelServer):
@@ -111,7 +62,7 @@ async def test_one_x_request_id_on_two_requests_over_direct_streams(stream: bool
     await server.__init__(TINY[0], "fake", {})
     server.engine = fake
     channel = ChannelClient()
-    app = create_app(make_config(None, models=TINY), {"tiny": RemoteEngine(Handle(server), channel=channel)})
+    app = create_app(make_config(None, models=TINY), {"tiny": RemoteEngine(ReplicaHandle(server), channel=channel)})
     try:
         async with client_for(app) as client:
             # the first call goes through Ray's call and tells the gateway where to connect
