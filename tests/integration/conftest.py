@@ -50,9 +50,10 @@ def platform_config(demo_dirs, redis_server):
     from serving.local import CPU_ENGINE_ARGS, local_models
 
     chat, embed = local_models(demo_dirs["a"].parent)
-    # demo-chat-b has a small queue, so the fault suite can overload it
+    # demo-chat-b has a small queue, so the fault suite can overload it; its whole context (2,048, the
+    # demo model's positions) lets a test ask for a generation long enough to outlast a client's timeout
     second = {**chat, "name": "demo-chat-b", "source": str(demo_dirs["b"]), "lora_adapters": {},
-              "engine_args": {**CPU_ENGINE_ARGS, "max_model_len": 1024}, "server_args": {},
+              "engine_args": {**CPU_ENGINE_ARGS, "max_model_len": 2048}, "server_args": {},
               "max_ongoing_requests": 4, "max_queued_requests": 4}
     return load_config(data={
         "models": [chat, second, embed],
