@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -174,7 +174,8 @@ class GatewayConfig(_Strict):
     max_messages: int = Field(2048, ge=1, description="Most `messages` in one chat request (400 beyond).")
     max_tools: int = Field(256, ge=0, description="Most `tools` in one chat request (400 beyond).")
     reject_unknown_fields: bool = Field(
-        True, description="400 for request fields vLLM does not know (vLLM itself would ignore them silently)."
+        True, description="400 for request fields neither vLLM nor OpenAI's API knows, e.g. a typo such as "
+        "`temprature` (vLLM itself would ignore them). Fields only OpenAI knows are accepted and dropped."
     )
     metrics_port: int = Field(
         8080, ge=1, le=65535,
@@ -197,6 +198,43 @@ class GatewayConfig(_Strict):
         "ephemeral port on the model replica's node), all of that gateway's chunks of an engine step in one "
         "frame, instead of one Ray message per chunk. Routing, queueing and cancellation stay with Ray Serve.",
     )
+    cors_allowed_origins: list[str] = Field(
+        [],
+        description="Origins (scheme://host[:port], as a browser sends them, or `*`) whose web pages may call "
+        "the API from a browser (CORS), like `vllm serve --allowed-origins`. Empty: CORS is off and browsers "
+        "refuse cross-origin calls. API keys are bearer tokens, not cookies, so CORS adds nothing for other "
+        "clients; turn it on only for a browser app that calls the API itself (its users can read its key).",
+    )
+    cors_allowed_headers: list[str] = Field(
+        ["authorization", "content-type", "accept", "cache-control", "user-agent", "x-request-id", "x-api-key",
+         "openai-organization", "openai-project", "openai-beta", "anthropic-version", "anthropic-beta",
+         "anthropic-dangerous-direct-browser-access", "idempotency-key", "x-stainless-arch", "x-stainless-lang",
+         "x-stainless-os", "x-stainless-package-version", "x-stainless-runtime", "x-stainless-runtime-version",
+         "x-stainless-retry-count", "x-stainless-timeout", "x-stainless-read-timeout", "x-stainless-helper",
+         "x-stainless-helper-method", "x-stainless-stream-helper", "x-stainless-poll-helper",
+         "x-stainless-custom-poll-interval", "x-stainless-async"],
+        description="Request headers a cross-origin page may send (with cors_allowed_origins set); the default "
+        "covers the OpenAI and Anthropic SDKs in a browser (their x-stainless-* headers by name: CORS has no "
+        "wildcard per prefix). `*`: any header.",
+    )
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        # a browser's Origin is scheme://host[:port], lowercase, no path: "https://app.example.com/" would
+        # never match one, so it is refused here rather than silently matching nothing
+        bad = [o for o in origins if not re.fullmatch(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+", o.lower())]
+        if bad:
+            raise ValueError(f"not an origin (scheme://host[:port], no path, or *): {bad[0]!r}")
+        return [o.lower() for o in origins]
+
+    @field_validator("cors_allowed_headers")
+    @classmethod
+    def _headers(cls, headers: list[str]) -> list[str]:
+        bad = [h for h in headers if not re.fullmatch(r"\*|[A-Za-z0-9!#$%&'*+.^_`|~-]+", h)]
+        if bad:
+            raise ValueError(f"not a header name: {bad[0]!r}")
+        return [h.lower() for h in headers]
 
 
 class RedisConfig(_Strict):
@@ -264,6 +302,17 @@ class CacheConfig(_Strict):
         "keys never share cached prefixes and none can time whether another sent a prompt; shared lets all keys "
         "share them (faster for prompts common to many keys, but a key can probe what others sent). A client's "
         "own `cache_salt` is always dropped.",
+    )
+
+
+class ResponsesConfig(_Strict):
+    """Stored responses of the Responses API (`store`, `previous_response_id`), kept in Redis (in-process
+    without Redis) by the gateway, so every gateway and model replica sees them."""
+
+    ttl_s: int = Field(
+        30 * 86400, ge=60,
+        description="Seconds a stored response is kept after the last turn of its chain was stored (OpenAI keeps "
+        "them 30 days). Under Redis memory pressure they are evicted before anything without a TTL.",
     )
 
 
@@ -347,6 +396,7 @@ class ServingConfig(BaseSettings):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gateway.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache.")
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig, description="Stored responses.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate limits.")
 
@@ -464,7 +514,8 @@ def reference_markdown() -> str:
     sections: list[tuple[str, type[BaseModel]]] = [
         ("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
         ("models[].autoscaling", Autoscaling), ("models[].resources", Resources), ("redis", RedisConfig),
-        ("cache", CacheConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec), ("limits", LimitsConfig)]
+        ("cache", CacheConfig), ("responses", ResponsesConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec),
+        ("limits", LimitsConfig)]
     lines = []
     for title, model in sections:
         lines += [f"#### `{title}`", "", "| field | type | default | description |", "|---|---|---|---|"]

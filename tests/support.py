@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis
 
+from serving.engine.fake import FakeEngine
 from serving.engine.vllm import _receiver
 
 
@@ -251,3 +252,17 @@ def no_serving_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("SERVING_"):
             monkeypatch.delenv(key)
+
+
+class Recording(FakeEngine):
+    """A FakeEngine that keeps each request body it was given, with its route and request id (what the
+    engine saw)."""
+
+    def __init__(self, name: str, **kwargs: Any):
+        super().__init__(name, **kwargs)
+        self.bodies: list[dict[str, Any]] = []
+
+    async def generate(self, route, body, request_id, timeout_s=None):
+        self.bodies.append({"route": route, "_request_id": request_id, **json.loads(body)})
+        async for item in super().generate(route, body, request_id, timeout_s):
+            yield item

@@ -73,6 +73,10 @@ class FakeEngine:
         if route == "embedding":
             yield self._embed(request)
             return
+        if route in ("responses", "messages", "count_tokens", "rerank", "score", "tokenize", "detokenize"):
+            async for item in self._other(route, request, request_id):
+                yield item
+            return
         prompt = self._prompt(route, request)
         if prompt is None:
             yield _error(400, "messages must be a non-empty list" if route == "chat" else "prompt is required",
@@ -182,3 +186,143 @@ class FakeEngine:
         body = {"object": "list", "data": data, "model": request["model"],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return Reply(200, json.dumps(body).encode())
+
+    # The other routes of vLLM's application, in vLLM's shapes (the Responses API's and Anthropic's
+    # Messages API's objects and named events; vLLM's rerank, score, tokenize and detokenize bodies).
+
+    async def _other(self, route: Route, request: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
+        if route in ("rerank", "score", "tokenize", "detokenize"):
+            yield self._pooling(route, request)
+            return
+        given = request.get("input") if route == "responses" else request.get("messages")
+        prompt = _text_of(given) if route == "responses" or isinstance(given, list) else ""
+        if route == "responses" and isinstance(request.get("instructions"), str):
+            prompt = f"{request['instructions']} {prompt}"
+        if not prompt:
+            yield _error(400, "input is required" if route == "responses" else "messages must be a non-empty list",
+                         "input" if route == "responses" else "messages")
+            return
+        if route == "count_tokens":
+            yield Reply(200, json.dumps({"input_tokens": len(prompt.split())}).encode())
+            return
+        limit = request.get("max_output_tokens" if route == "responses" else "max_tokens") or 16
+        if not isinstance(limit, int) or not 1 <= limit <= self.max_model_len:
+            yield _error(400, f"max_tokens must be between 1 and {self.max_model_len}", "max_tokens")
+            return
+        words = self._words(prompt, limit)
+        usage = {"input_tokens": len(prompt.split()), "output_tokens": len(words)}
+        build = self._response if route == "responses" else self._message
+        if not request.get("stream"):
+            await asyncio.sleep(self.ttft_s + self.itl_s * (len(words) - 1))
+            yield Reply(200, json.dumps(build(request, request_id, words, usage)).encode())
+            return
+        yield Reply(200, None)
+        events = self._response_events if route == "responses" else self._message_events
+        await asyncio.sleep(self.ttft_s)
+        for i, event in enumerate(events(build(request, request_id, words, usage), words)):
+            if i > 1 and self.itl_s:
+                await asyncio.sleep(self.itl_s)
+            yield event
+
+    def _response(self, request, request_id, words, usage) -> dict[str, Any]:
+        text = " ".join(words)
+        message = {"type": "message", "id": f"msg_{request_id}", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        return {"id": request.get("request_id") or f"resp_{request_id}", "object": "response",
+                "created_at": int(time.time()), "status": "completed", "model": request["model"],
+                "output": [message], "store": bool(request.get("store", True)),
+                "previous_response_id": request.get("previous_response_id"),
+                "usage": {**usage, "total_tokens": usage["input_tokens"] + usage["output_tokens"]}}
+
+    @staticmethod
+    def _response_events(response: dict[str, Any], words: list[str]) -> list[str]:
+        def event(kind: str, number: int, **data: Any) -> str:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': number, **data})}\n\n"
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        out = [event("response.created", 0, response=started)]
+        for i, word in enumerate(words):
+            out.append(event("response.output_text.delta", i + 1, item_id=response["output"][0]["id"],
+                             output_index=0, content_index=0, delta=word if i == 0 else " " + word))
+        out.append(event("response.completed", len(words) + 1, response=response))
+        return out
+
+    @staticmethod
+    def _message(request, request_id, words, usage) -> dict[str, Any]:
+        stop = "max_tokens" if len(words) == (request.get("max_tokens") or 16) else "end_turn"
+        return {"id": f"msg_{request_id}", "type": "message", "role": "assistant", "model": request["model"],
+                "content": [{"type": "text", "text": " ".join(words)}], "stop_reason": stop,
+                "stop_sequence": None, "usage": usage}
+
+    @staticmethod
+    def _message_events(message: dict[str, Any], words: list[str]) -> list[str]:
+        def event(kind: str, **data: Any) -> str:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+        start = {**message, "content": [], "stop_reason": None,
+                 "usage": {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 0}}
+        out = [event("message_start", message=start),
+               event("content_block_start", index=0, content_block={"type": "text", "text": ""})]
+        out += [event("content_block_delta", index=0, delta={"type": "text_delta", "text": w if i == 0 else " " + w})
+                for i, w in enumerate(words)]
+        out += [event("content_block_stop", index=0),
+                event("message_delta", delta={"stop_reason": message["stop_reason"], "stop_sequence": None},
+                      usage={"output_tokens": message["usage"]["output_tokens"]}),
+                event("message_stop")]
+        return out
+
+    def _pooling(self, route: Route, request: dict[str, Any]) -> Reply:
+        if route == "tokenize":
+            text = request.get("prompt") if "prompt" in request else _text_of(request.get("messages"))
+            if not isinstance(text, str):
+                return _error(400, "prompt or messages is required", "prompt")
+            ids = [WORDS.index(w) if w in WORDS else len(WORDS) + len(w) for w in text.split()]
+            return Reply(200, json.dumps({"count": len(ids), "max_model_len": self.max_model_len,
+                                          "tokens": ids, "token_strs": None}).encode())
+        if route == "detokenize":
+            given = request.get("tokens")
+            if not isinstance(given, list) or not all(isinstance(t, int) and t >= 0 for t in given):
+                return _error(400, "tokens must be a list of token ids", "tokens")
+            return Reply(200, json.dumps({"prompt": " ".join(WORDS[t % len(WORDS)] for t in given)}).encode())
+        query = request.get("query") if route == "rerank" else request.get("text_1")
+        documents = request.get("documents") if route == "rerank" else request.get("text_2")
+        if isinstance(documents, str):
+            documents = [documents]
+        if not isinstance(query, str) or not isinstance(documents, list) or not all(
+                isinstance(d, str) for d in documents):
+            return _error(400, "query and documents must be text" if route == "rerank" else
+                          "text_1 and text_2 must be text", "query" if route == "rerank" else "text_1")
+        scores = [self._similarity(query, d) for d in documents]
+        tokens = sum(len(query.split()) + len(d.split()) for d in documents)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        if route == "score":
+            data = [{"index": i, "object": "score", "score": v} for i, v in enumerate(scores)]
+            body = {"id": "score-fake", "object": "list", "created": int(time.time()), "model": request["model"],
+                    "data": data, "usage": usage}
+        else:
+            ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[:request.get("top_n") or len(documents)]
+            body = {"id": "rerank-fake", "model": request["model"], "usage": usage,
+                    "results": [{"index": i, "document": {"text": documents[i]}, "relevance_score": scores[i]}
+                                for i in ranked]}
+        return Reply(200, json.dumps(body).encode())
+
+    @staticmethod
+    def _similarity(a: str, b: str) -> float:
+        """Shared words over all words (a stand-in for an embedding model's cosine similarity)."""
+        left, right = set(a.lower().split()), set(b.lower().split())
+        return len(left & right) / max(1, len(left | right))
+
+
+def _text_of(value: Any) -> str:
+    """The text in a Responses `input` or a Messages `messages` list (strings and text parts)."""
+    if isinstance(value, str):
+        return value
+    parts: list[str] = []
+    for item in value if isinstance(value, list) else []:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return " ".join(parts)
+

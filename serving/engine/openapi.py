@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 OUT = Path(__file__).resolve().parents[1] / "gateway" / "schemas" / "requests.json"
 
@@ -27,17 +27,30 @@ def _rewrite_refs(node: Any) -> Any:
 
 def generate() -> dict[str, Any]:
     from pydantic import TypeAdapter
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
     components: dict[str, Any] = {}
     routes: dict[str, Any] = {}
-    for route, schema in (("chat", ChatCompletionRequest.model_json_schema()),
-                          ("completion", CompletionRequest.model_json_schema()),
-                          ("embedding", TypeAdapter(EmbeddingRequest).json_schema())):
-        components.update(schema.pop("$defs", {}))
+    models: dict[str, Any] = {
+        "chat": ChatCompletionRequest, "completion": CompletionRequest, "embedding": EmbeddingRequest,
+        "responses": ResponsesRequest, "messages": AnthropicMessagesRequest,
+        "count_tokens": AnthropicCountTokensRequest, "rerank": RerankRequest, "score": ScoreRequest,
+        "tokenize": TokenizeRequest, "detokenize": DetokenizeRequest,
+    }
+    # one generation for all routes: names of shared types (pydantic disambiguates those that differ, e.g.
+    # two FunctionDefinition) then mean one schema across every route
+    mode: Literal["validation"] = "validation"
+    adapters = [(route, mode, TypeAdapter(model)) for route, model in models.items()]
+    schemas, definitions = TypeAdapter.json_schemas(adapters)
+    for (route, _), schema in schemas.items():
         routes[route] = _rewrite_refs(schema)
+    components.update(definitions.get("$defs", {}))
     return {"routes": routes, "components": _rewrite_refs(components)}
 
 

@@ -10,9 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol, runtime_checkable
 
-Route = Literal["chat", "completion", "embedding"]
+Route = Literal["chat", "completion", "embedding", "responses", "messages", "count_tokens", "rerank", "score",
+                "tokenize", "detokenize"]
 
-ROUTE_KINDS: dict[Route, str] = {"chat": "generate", "completion": "generate", "embedding": "embed"}
+# The path of each route in vLLM's own OpenAI application (what `vllm serve` answers), which every engine
+# replica runs in-process; the gateway answers the same paths.
+PATHS: dict[Route, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+    "count_tokens": "/v1/messages/count_tokens",
+    "rerank": "/v1/rerank",
+    "score": "/v1/score",
+    "tokenize": "/tokenize",
+    "detokenize": "/detokenize",
+}
+
+# The model kinds (ModelConfig.kind) each route serves; another kind gets 400 `wrong_route`. rerank and
+# score run on pooling models (embedding models compare by cosine similarity, cross-encoders score pairs);
+# every model has a tokenizer.
+ROUTE_KINDS: dict[Route, frozenset[str]] = {
+    **{route: frozenset({"generate"}) for route in ("chat", "completion", "responses", "messages", "count_tokens")},
+    **{route: frozenset({"embed"}) for route in ("embedding", "rerank", "score")},
+    **{route: frozenset({"generate", "embed"}) for route in ("tokenize", "detokenize")},
+}
 
 
 @dataclass(frozen=True, slots=True)

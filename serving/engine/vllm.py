@@ -14,15 +14,9 @@ import logging
 from typing import Any, AsyncIterator
 
 from serving.config import ModelConfig
-from serving.engine.protocol import Reply, Route
+from serving.engine.protocol import PATHS, Reply, Route
 
 logger = logging.getLogger(__name__)
-
-PATHS: dict[Route, str] = {
-    "chat": "/v1/chat/completions",
-    "completion": "/v1/completions",
-    "embedding": "/v1/embeddings",
-}
 
 _END = object()  # the ASGI app returned
 

@@ -16,18 +16,19 @@ from fastapi.responses import JSONResponse
 from serving.config import ServingConfig
 from serving.engine.protocol import Engine, Route
 from serving.gateway import schemas as request_schemas
-from serving.gateway.auth import Authenticator, Principal, client_address
+from serving.gateway.auth import Authenticator, Principal, api_key, client_address
 from serving.gateway.cache import ResponseCache
+from serving.gateway.cors import install_cors
 from serving.gateway.errors import APIError, install_error_handlers
 from serving.gateway.limits import LEASE_SLACK_S, Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
+from serving.gateway.responses import router as responses_router
 from serving.gateway.routes import openai_route
 from serving.gateway.services import Registry, Services
+from serving.gateway.specs import SPECS
 from serving.gateway.store import Resilient, Store, build_store
 
-_ROUTES: dict[Route, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
-                             "embedding": "/v1/embeddings"}
 _ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type", "param", "code"],
@@ -35,16 +36,24 @@ _ERROR = {"description": "OpenAI error envelope", "content": {"application/json"
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}}}}
 
 
+_ANTHROPIC_ERROR = {"description": "Anthropic error envelope", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["type", "error"], "properties": {
+        "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"], "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"}}}}}}}}
+
+
 def _operation(route: Route) -> dict[str, Any]:
-    """The OpenAPI operation of an OpenAI route: vLLM's own request schema, our error envelope."""
+    """The OpenAPI operation of an engine route: vLLM's own request schema, the route's error envelope."""
+    spec = SPECS[route]
     # vLLM lets `model` default to its one model; the gateway serves many, so it is required here
     schema = {"allOf": [request_schemas.load()["routes"][route],
                         {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}]}
-    content = {"application/json": {}} if route == "embedding" else \
-        {"application/json": {}, "text/event-stream": {"description": "SSE stream when `stream` is true"}}
+    content = {"application/json": {}, "text/event-stream": {"description": "SSE stream when `stream` is true"}} \
+        if spec.generates and route != "count_tokens" else {"application/json": {}}
+    error = _ANTHROPIC_ERROR if spec.dialect == "anthropic" else _ERROR
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {"200": {"description": "The answer", "content": content},
-                          **{str(code): _ERROR for code in (400, 401, 404, 413, 415, 429, 503, 504)}}}
+                          **{str(code): error for code in (400, 401, 404, 413, 415, 429, 503, 504)}}}
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -98,6 +107,7 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+    install_cors(app, config.gateway)  # after the other middleware: the outermost
 
     @app.get("/health", summary="Liveness: the gateway answers.")
     async def health() -> dict[str, str]:
@@ -111,21 +121,22 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
 
     @app.get("/v1/models", summary="Models and LoRA adapters served (those the API key may use).")
     async def list_models(request: Request, svc: Svc) -> dict[str, Any]:
-        principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+        principal = await svc.auth.authenticate(api_key(request), client_address(request))
         return {"object": "list", "data": [c for c in svc.registry.cards() if principal.may_use(c["id"])]}
 
     @app.get("/v1/models/{model:path}", summary="One served model.")
     async def get_model(model: str, request: Request, svc: Svc) -> dict[str, Any]:
-        principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+        principal = await svc.auth.authenticate(api_key(request), client_address(request))
         for card in svc.registry.cards():
             if card["id"] == model and principal.may_use(model):
                 return card
         raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
 
-    for route, path in _ROUTES.items():
-        app.add_api_route(path, openai_route(route), methods=["POST"], response_model=None,
-                          openapi_extra=_operation(route))
+    for route, spec in SPECS.items():
+        app.add_api_route(spec.path, openai_route(route), methods=["POST"], response_model=None,
+                          summary=spec.summary, openapi_extra=_operation(route))
+    app.include_router(responses_router)
     _install_openapi(app)
     return app
 
@@ -133,10 +144,10 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
 async def _viewer(request: Request, svc: Services) -> Principal | None:
     """Whose key asks /ready: the principal (ANONYMOUS with auth off), None without a valid key.
     Readiness is probed without keys; an absent, wrong or uncheckable key only hides the names."""
-    if svc.auth.enabled and not request.headers.get("authorization"):
+    if svc.auth.enabled and not api_key(request):
         return None
     try:
-        return await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+        return await svc.auth.authenticate(api_key(request), client_address(request))
     except APIError:
         return None
 

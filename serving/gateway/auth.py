@@ -253,3 +253,12 @@ async def find_key(store: Store, name: str) -> tuple[str, dict[str, Any]]:
 async def revoke_key(store: Store, name: str) -> None:
     d, _ = await find_key(store, name)
     await store.key_delete(d)
+
+
+def api_key(request: HTTPConnection) -> str | None:
+    """The caller's key as an Authorization value: `Authorization: Bearer` (OpenAI's SDKs), else
+    `x-api-key` (Anthropic's SDKs), which the platform's keys are also accepted in."""
+    authorization = request.headers.get("authorization")
+    if authorization is None and request.headers.get("x-api-key"):
+        return f"Bearer {request.headers['x-api-key']}"
+    return authorization

@@ -3,6 +3,9 @@
 An entry is the complete (non-streamed) JSON answer. A streamed request hits the same entry and is
 replayed as SSE; a streamed miss is assembled into that JSON while it streams, and stored only if it
 ended with [DONE], no error and a finish_reason on every choice.
+
+A hit is a new answer: it gets an `id` of its own and `created` = now (`fresh`, `replay`), as OpenAI's
+and vLLM's answers do; two answers never share an id, whether the engine or the cache gave them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
 from typing import Any
 
 from serving.config import CacheConfig, ModelConfig
@@ -65,10 +70,44 @@ class ResponseCache:
             pass
 
 
-def replay(entry: bytes, route: Route, include_usage: bool) -> list[str]:
-    """A cached answer as the SSE events a streamed request would have received."""
+# vLLM's id prefixes (chatcmpl-<hex>, cmpl-<hex>, embd-<hex>), for an entry whose own id has none
+_ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-", "embedding": "embd-"}
+
+
+def new_id(route: Route, old: Any = None) -> str:
+    """A fresh answer id: the prefix of `old` (up to its first "-", as vLLM's "chatcmpl-", "cmpl-",
+    "embd-"), else the route's (_ID_PREFIX), then 32 hex digits of a uuid4 (vLLM's random_uuid shape).
+    Made by the server alone: nothing of the request goes into it."""
+    prefix = old.split("-", 1)[0] + "-" if isinstance(old, str) and "-" in old else _ID_PREFIX.get(route, "")
+    return prefix + uuid.uuid4().hex
+
+
+def _renewed(answer: dict[str, Any], route: Route) -> dict[str, Any]:
+    """`answer` with a new `id` and `created` = now (Unix seconds). Chat and completions answers always
+    have both (OpenAI's objects require them); other answers only get those they had (OpenAI's
+    embeddings list has neither, vLLM's has both)."""
+    always = route in ("chat", "completion")
+    if always or "id" in answer:
+        answer["id"] = new_id(route, answer.get("id"))
+    if always or "created" in answer:
+        answer["created"] = int(time.time())
+    return answer
+
+
+def fresh(entry: bytes, route: Route) -> bytes:
+    """A cached answer (JSON bytes) as a non-streamed hit sends it: the same answer with a new `id`
+    and `created` (_renewed), compact JSON (UTF-8)."""
     answer = json.loads(entry)
-    head = {k: answer[k] for k in ("id", "created", "model") if k in answer}
+    if not isinstance(answer, dict):
+        return entry
+    return json.dumps(_renewed(answer, route), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def replay(entry: bytes, route: Route, include_usage: bool) -> list[str]:
+    """A cached answer as the SSE events a streamed request would have received: every event carries
+    the same new `id` and `created` (_renewed), as the chunks of one live stream do."""
+    answer = _renewed(json.loads(entry), route)
+    head: dict[str, Any] = {k: answer[k] for k in ("id", "created", "model") if k in answer}
     events = []
     for choice in answer["choices"]:
         if route == "chat":

@@ -28,6 +28,7 @@ from serving.config import LimitsConfig
 from serving.engine.protocol import Route
 from serving.gateway.auth import ANONYMOUS, Principal
 from serving.gateway.errors import APIError
+from serving.gateway.specs import SPECS
 from serving.gateway.store import Admitted, Resilient, StoreUnavailable
 
 logger = logging.getLogger("serving.gateway")
@@ -44,7 +45,7 @@ RELEASE_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # Bigger counts cannot be reserved in Redis (64-bit counters); no key's TPM is anywhere near.
 _HUGE = 1 << 53
 
-Spawn = Callable[[Coroutine], None]
+Spawn = Callable[[Coroutine], Any]  # runs a coroutine in the background; may return its task
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Admission:
         self._lease, self._bucket, self.reserved = lease, bucket, reserved
         self.used = 0  # engine tokens (prompt + completion) settled; cached answers use none
         self.released = False
+        # the release's background task (when the request ended on the event loop): a non-streamed answer
+        # waits for it briefly, so the key's next request finds its concurrency slot free
+        self.releasing: Any = None
 
     def settle(self, model: str, usage: dict[str, Any] | None, *, cached: bool) -> None:
         """What the request used (the answer's `usage`): recorded by model and day, and charged to TPM
@@ -80,16 +84,20 @@ class Admission:
                   "cached_requests": int(cached)}
         self._later(self._limiter.record, self.principal, model, counts)
 
-    def release(self) -> None:
-        """The request ended: its lease is given back and its reservation replaced by what it used. Once."""
+    def release(self) -> Any:
+        """The request ended: its lease is given back and its reservation replaced by what it used. Once.
+        Returns the background task doing it (None when there is nothing to give back, or it was queued
+        from another thread)."""
         if self.released:
-            return
+            return None
         self.released = True
         used = self.used if self.principal.tpm else 0
         if self._lease is not None or self.reserved or used:
-            self._later(self._limiter.release, self.principal, self._lease or "", self._bucket, self.reserved, used)
+            self.releasing = self._later(self._limiter.release, self.principal, self._lease or "", self._bucket,
+                                         self.reserved, used)
+        return self.releasing
 
-    def _later(self, work: Callable[..., Coroutine], *args: Any) -> None:
+    def _later(self, work: Callable[..., Coroutine], *args: Any) -> Any:
         """Run `work(*args)` in the background on the request's event loop, also when called from another
         thread (Starlette iterates a replayed stream, and so ends its request, in a worker thread)."""
         try:
@@ -97,9 +105,9 @@ class Admission:
         except RuntimeError:
             here = False
         if here:
-            self._spawn(work(*args))
-        else:
-            self._loop.call_soon_threadsafe(lambda: self._spawn(work(*args)))
+            return self._spawn(work(*args))
+        self._loop.call_soon_threadsafe(lambda: self._spawn(work(*args)))
+        return None
 
 
 class Limiter:
@@ -119,18 +127,20 @@ class Limiter:
                     max_n=principal.max_n or self.config.max_n or 0,
                     max_tokens=principal.max_tokens or self.config.max_tokens or 0)
 
-    async def admit(self, principal: Principal, route: Route, payload: dict[str, Any], body: bytes,
+    async def admit(self, principal: Principal, route: Route | None, payload: dict[str, Any], body: bytes,
                     spawn: Spawn) -> Admission:
         """Admit one request of `principal` (payload: its parsed `body`) or raise. A request without
-        max_tokens gets the key's cap in `payload` when the engine's default would exceed it.
+        max_tokens gets the key's cap in `payload` when the engine's default would exceed it. `route`
+        None: a request that runs no model (reading a stored response): RPM and concurrency only.
 
         Raises APIError 400 (code above_limit: `n` or `max_tokens` above the key's cap), 429 with
         Retry-After (rate_limit_exceeded: RPM or TPM; concurrency_limit_exceeded; request_too_large: its
         reservation alone exceeds TPM), 503 limits_unavailable (Redis down and failure_policy closed).
         Release the returned Admission when the request ends."""
         caps = self.caps(principal)
-        _apply_caps(route, payload, caps)
-        reserve = self.reservation(route, payload, body) if principal.tpm else 0
+        if route is not None:
+            _apply_caps(route, payload, caps)
+        reserve = self.reservation(route, payload, body) if principal.tpm and route is not None else 0
         if principal.tpm and reserve > principal.tpm:
             raise APIError(429, f"Request too large for key {principal.name!r} on tokens per min (TPM): Limit "
                                 f"{principal.tpm}, Requested {reserve} (prompt estimate + max_tokens for each "
@@ -156,13 +166,16 @@ class Limiter:
     def reservation(self, route: Route, payload: dict[str, Any], body: bytes) -> int:
         """Tokens a request may use at most: prompt estimate (body bytes / BYTES_PER_TOKEN) + its
         max_tokens (or the default it gets) for each choice of each prompt."""
-        prompt = max(1, len(body) // BYTES_PER_TOKEN)
-        if route == "embedding":
+        spec = SPECS[route]
+        if not spec.billed:  # counting or converting tokens runs no model: nothing to reserve
+            return 0
+        prompt = prompt_estimate(body)
+        if not spec.generates:
             return prompt
-        limit = _largest(payload, _token_fields(route))
-        if limit is None:  # what vLLM does without one: 16 for completions, the rest of the context for chat
-            limit = 16 if route == "completion" else self.config.reserve_max_tokens
-        choices = _count(payload.get("n")) * (_prompts(payload) if route == "completion" else 1)
+        limit = _largest(payload, spec.token_fields)
+        if limit is None:  # what vLLM does without one: 16 for completions, the rest of the context otherwise
+            limit = spec.default_tokens or self.config.reserve_max_tokens
+        choices = _count(payload.get("n")) * (_prompts(payload) if route == "completion" else 1) if spec.choices else 1
         return min(_HUGE, prompt + limit * choices)
 
     def _refuse(self, principal: Principal, caps: Caps, result: Admitted, reserve: int, headers: dict[str, str]):
@@ -202,28 +215,30 @@ class Limiter:
                        principal.name)
 
 
+def prompt_estimate(body: bytes) -> int:
+    """A request's prompt tokens as estimated from its body: body bytes / BYTES_PER_TOKEN, at least 1."""
+    return max(1, len(body) // BYTES_PER_TOKEN)
+
+
 def _apply_caps(route: Route, payload: dict[str, Any], caps: Caps) -> None:
     """400 for `n` or max_tokens above the caps; a request without max_tokens gets the cap when the
     engine's default would be larger."""
-    if route == "embedding":
+    spec = SPECS[route]
+    if not spec.generates:
         return
-    if caps.max_n and _number(payload.get("n")) and payload["n"] > caps.max_n:
+    if spec.choices and caps.max_n and _number(payload.get("n")) and payload["n"] > caps.max_n:
         raise APIError(400, f"`n` is above this key's limit of {caps.max_n} choices per request.", param="n",
                        code="above_limit")
-    fields = _token_fields(route)
+    fields = spec.token_fields
     for field in fields:
         if caps.max_tokens and _number(payload.get(field)) and payload[field] > caps.max_tokens:
             raise APIError(400, f"`{field}` is above this key's limit of {caps.max_tokens} tokens.", param=field,
                            code="above_limit")
     if not caps.max_tokens or _largest(payload, fields) is not None:
         return
-    if route == "completion" and caps.max_tokens >= 16:  # vLLM's default for completions is within the cap
+    if spec.default_tokens is not None and caps.max_tokens >= spec.default_tokens:  # the default is within the cap
         return
-    payload["max_tokens"] = caps.max_tokens
-
-
-def _token_fields(route: Route) -> tuple[str, ...]:
-    return ("max_tokens", "max_completion_tokens") if route == "chat" else ("max_tokens",)
+    payload[fields[0]] = caps.max_tokens
 
 
 def _number(value: Any) -> bool:

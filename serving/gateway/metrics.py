@@ -12,7 +12,12 @@ The prometheus_client backend (a private registry) serves tests and a gateway ru
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from serving.engine.protocol import Route
+
+if TYPE_CHECKING:
+    from serving.gateway.errors import APIError
 
 # LLM latencies run from milliseconds (a cache hit) to minutes (a long generation)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -123,3 +128,69 @@ class GatewayMetrics:
             self.prompt_tokens.inc(int(usage["prompt_tokens"]), {"model": model})
         if usage.get("completion_tokens"):
             self.completion_tokens.inc(int(usage["completion_tokens"]), {"model": model})
+
+
+class Watch:
+    """Metrics of one request: counted once when it ends, however it ends."""
+
+    def __init__(self, metrics: GatewayMetrics, route: Route):
+        self.metrics, self.route = metrics, route
+        self.model = UNKNOWN_MODEL
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.counted_in_flight = False
+        self.done = False
+        self._on_end: list[Callable[[], Any]] = []
+        self.pending: list[Any] = []  # what the end callbacks returned (background tasks, or None)
+
+    def on_end(self, callback: Callable[[], Any]) -> None:
+        """Call `callback` when the request ends (in finish), whatever ends it; what it returns (a task
+        it started) is kept in `pending`."""
+        self._on_end.append(callback)
+
+    def begin(self, model: str) -> None:
+        self.model = model
+        self.started = self.metrics.started(model)
+        self.counted_in_flight = True
+
+    def cache_result(self, result: str) -> None:
+        self.metrics.cache.inc(1, {"model": self.model, "result": result})
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.started, {"model": self.model, "route": self.route})
+        self.last = now
+
+    def replayed(self, events: list[str]):
+        try:
+            for event in events:
+                self.chunk()
+                yield event
+        finally:
+            self.finish(200)
+
+    def refused(self, exc: "APIError") -> None:
+        if exc.status == 401 or exc.code == "auth_unavailable":
+            self.metrics.auth_failures.inc(1, {"reason": exc.code or "unknown"})
+        elif exc.status == 429:
+            self.metrics.rate_limited.inc(1, {"model": self.model})
+        self.finish(exc.status)
+
+    def finish(self, status: int, usage: dict[str, Any] | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        for callback in self._on_end:
+            self.pending.append(callback())
+        if self.counted_in_flight:
+            self.metrics.finished(self.model, self.route, status, self.started)
+        else:
+            self.metrics.requests.inc(1, {"model": self.model, "route": self.route, "status": str(status)})
+        self.metrics.tokens(self.model, usage)
+        tokens = (usage or {}).get("completion_tokens") or 0
+        if self.first is not None and self.last is not None and tokens > 1:
+            self.metrics.itl.observe((self.last - self.first) / (tokens - 1),
+                                     {"model": self.model, "route": self.route})

@@ -1,4 +1,10 @@
-"""Engine answer -> HTTP response: status before headers, SSE relayed as it arrives, errors in-band."""
+"""Engine answer -> HTTP response: status before headers, SSE relayed as it arrives, errors in-band.
+
+Every error the engine answers reaches the client in the gateway's envelope (serving.gateway.errors
+.engine_error_body): a non-streamed error body of any status, a stream whose first event is an error (then
+an HTTP error status), an error event inside an OpenAI stream. 4xx keep vLLM's message and param, 5xx
+are masked; `type` and `code` are OpenAI's, not vLLM's exception name and integer status.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +15,29 @@ from typing import Any, AsyncIterator, Protocol
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply
-from serving.gateway.errors import APIError, error_event, error_response, logger
+from serving.gateway.errors import APIError, engine_error_body, logger, stream_error
 
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 class Tap(Protocol):
-    """Sees what goes to the client (to count usage, fill the cache); may rewrite stream chunks."""
+    """Sees what goes to the client (to count usage, fill the cache); may rewrite what is sent."""
 
-    def body(self, status: int, body: bytes) -> None: ...
-    def chunk(self, chunk: str) -> str: ...
+    def body(self, status: int, body: bytes) -> bytes:
+        """A non-streamed 2xx answer; returns the body the client gets."""
+        ...
+
+    def chunk(self, chunk: str) -> str:
+        """A stream's chunk (one or more SSE events); returns what the client gets ("" for nothing)."""
+        ...
+
+    def failure(self, status: int, message: str, code: str | None) -> str:
+        """The in-band end of a stream that fails after it started, in the route's dialect."""
+        ...
+
+    saving: asyncio.Future | None  # set: sent chunks wait for it (a stored response being written)
+
     def end(self) -> None: ...
 
 
@@ -36,18 +54,20 @@ async def _next_chunk(stream: AsyncIterator[Reply | str], deadline: float) -> st
     return chunk
 
 
-async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) -> Response:
-    """Wait for the engine's first item (and first event of a stream) before sending headers."""
+async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap, dialect: str = "openai") -> Response:
+    """Wait for the engine's first item (and first event of a stream) before sending headers.
+    `dialect` (serving.gateway.specs): the envelope of the route's errors; only an "openai" stream has
+    its error events in `data: {"error": ...}` form, which is looked for in its chunks."""
     try:
         reply = await _next(stream, deadline)
         if not isinstance(reply, Reply):
             raise RuntimeError(f"engine protocol violation: first item is {type(reply).__name__}")
         if not reply.streaming:
             await anext(stream, None)  # let the engine's generator finish rather than cancel it
-            if reply.status >= 500:
-                return _masked(json.loads(reply.body or b"{}"), reply.status)
-            tap.body(reply.status, reply.body or b"")
-            return Response(reply.body, status_code=reply.status, media_type="application/json")
+            if reply.status >= 400:  # only answers reach the tap: it counts and caches them
+                return _masked(_parsed(reply.body), reply.status, dialect)
+            return Response(tap.body(reply.status, reply.body or b""), status_code=reply.status,
+                            media_type="application/json")
         first = await _next_chunk(stream, deadline)
     except TimeoutError:
         await close(stream)
@@ -68,11 +88,11 @@ async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) 
         logger.warning("engine call failed: %r", exc)
         raise APIError(503, "The model is temporarily unavailable; retry shortly.", code="engine_unavailable",
                        headers={"retry-after": "1"}) from exc
-    early_error = _leading_error(first)
+    early_error = _leading_error(first) if dialect == "openai" else None
     if early_error is not None:
         await close(stream)
-        return _masked(early_error, _status_of(early_error))
-    return EventStream(_relay(first, stream, deadline, tap), status_code=reply.status)
+        return _masked(early_error, _status_of(early_error), dialect)
+    return EventStream(_relay(first, stream, deadline, tap, dialect), status_code=reply.status)
 
 
 class EventStream(StreamingResponse):
@@ -92,49 +112,84 @@ class EventStream(StreamingResponse):
                 await aclose()
 
 
-async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float, tap: Tap) -> AsyncIterator[str]:
+async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float, tap: Tap,
+                 dialect: str = "openai") -> AsyncIterator[str]:
     """Chunks go out the moment they arrive; failures after the first event go in-band."""
+    mapped = _mask_errors if dialect == "openai" else _named_masker(dialect)
     try:
-        chunk = tap.chunk(_mask_errors(first))
+        chunk = tap.chunk(mapped(first))
         while True:
+            if tap.saving is not None:  # what the chunk tells the client is durable before it is sent
+                await asyncio.shield(tap.saving)
+                tap.saving = None
             if chunk:
                 yield chunk
             try:
-                chunk = tap.chunk(_mask_errors(await _next_chunk(stream, deadline)))
+                chunk = tap.chunk(mapped(await _next_chunk(stream, deadline)))
             except StopAsyncIteration:
                 return
     except TimeoutError:
-        yield error_event(504, "The request timed out.", code="timeout") + DONE
+        yield tap.failure(504, "The request timed out.", "timeout")
     except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
         logger.warning("stream failed: %r", exc)
-        yield error_event(503, "The model failed while streaming; retry the request.", code="engine_error") + DONE
+        yield tap.failure(503, "The model failed while streaming; retry the request.", "engine_error")
     finally:
         await close(stream)
         tap.end()
 
 
-def _masked(payload: dict[str, Any], status: int) -> Response:
-    """An engine's error as our envelope: 4xx as the engine said it, 5xx messages masked."""
-    error = payload.get("error")
-    if not isinstance(error, dict):
-        error = {}
-    if status < 500:
-        return JSONResponse(payload, status_code=status)
-    return error_response(status, str(error.get("message", "")), param=error.get("param"), code=error.get("code"))
+def _parsed(body: bytes | None) -> Any:
+    """An engine's error body as JSON; None when it is not JSON (engine_error_body copes with that)."""
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return None
+
+
+def _masked(payload: Any, status: int, dialect: str = "openai") -> Response:
+    """An engine's error answer (HTTP `status`, its parsed body) in the gateway's envelope
+    (engine_error_body): 4xx with vLLM's message and param, 5xx masked, OpenAI's type and code."""
+    return JSONResponse(engine_error_body(status, payload, dialect=dialect), status_code=status)
+
+
+def _named_masker(dialect: str):
+    """The in-band errors of a named-event stream (the Responses API's and Anthropic's `event: error`;
+    vLLM's Messages converter sends `internal_error` with the exception's text) rebuilt by stream_error:
+    the status from a numeric code (else 500: masked), the dialect's types."""
+
+    def masked(chunk: str) -> str:
+        if "event: error" not in chunk:  # the common case: one substring search per chunk
+            return chunk
+        events = chunk.split("\n\n")
+        for i, event in enumerate(events):
+            kind, _, data = event.partition("\ndata: ")
+            if kind != "event: error":
+                continue
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = {}
+            error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            message = str(error.get("message", "")) if isinstance(error, dict) else ""
+            events[i] = stream_error(dialect, status, message, code if isinstance(code, str) else None).rstrip("\n")
+        return "\n\n".join(events)
+
+    return masked
 
 
 def _mask_errors(chunk: str) -> str:
-    """An engine's in-band error event (vLLM sends one when it fails mid-stream) in our envelope:
-    4xx as the engine said it, 5xx with the message masked, as for a non-streamed answer."""
+    """An OpenAI stream's in-band error events (vLLM sends one when it fails mid-stream: its error
+    envelope, `code` the HTTP status) in the gateway's envelope, as for a non-streamed answer."""
     if '{"error"' not in chunk:  # the common case: one substring search per chunk
         return chunk
     events = chunk.split("\n\n")
     for i, event in enumerate(events):
         payload = _leading_error(event)
-        if payload is not None and _status_of(payload) >= 500:
-            error = payload["error"]
-            events[i] = error_event(_status_of(payload), str(error.get("message", "")),
-                                    code=error.get("code")).removesuffix("\n\n")
+        if payload is not None:
+            body = engine_error_body(_status_of(payload), payload)
+            events[i] = f"data: {json.dumps(body)}"
     return "\n\n".join(events)
 
 

@@ -1,4 +1,5 @@
-"""The OpenAI POST routes: read -> authenticate -> route -> limit -> cache -> engine -> account."""
+"""The POST routes answered by an engine (serving.gateway.specs lists them): read -> authenticate -> route ->
+limit -> cache -> engine -> account."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import hmac
 import json
 import math
 import re
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -18,14 +17,17 @@ from starlette.requests import ClientDisconnect
 
 from serving.config import GatewayConfig
 from serving.engine.protocol import ROUTE_KINDS, Route
-from serving.gateway.auth import client_address
-from serving.gateway.cache import StreamAssembler, replay
+from serving.gateway.accounting import Accounting, EventAccounting, Shown, choices_per_prompt
+from serving.gateway.auth import api_key, client_address
+from serving.gateway.cache import fresh, replay
 from serving.gateway.errors import APIError
-from serving.gateway.limits import Admission
-from serving.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from serving.gateway.limits import prompt_estimate
+from serving.gateway.metrics import Watch
 from serving.gateway.relay import EventStream, answer
-from serving.gateway.schemas import known_fields
+from serving.gateway.responses import prepare as prepare_turn
+from serving.gateway.schemas import UNSUPPORTED, accepted_fields, drop_reference_only, known_fields, unsupported_field
 from serving.gateway.services import Services, model_not_found
+from serving.gateway.specs import SPECS
 from serving.gateway.store import StoreUnavailable
 
 
@@ -43,15 +45,26 @@ def openai_route(route: Route):
             raise
         if not isinstance(response, EventStream):  # a stream is finished by its tap when it ends
             watch.finish(response.status_code)
+            await settled(watch, svc)
         return response
 
     handler.__name__ = f"create_{route}"
     return handler
 
 
-async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") -> Response:
+async def settled(watch: Watch, svc: Services) -> None:
+    """Wait (at most two Redis timeouts) for the release of a non-streamed request's concurrency slot:
+    a client that sends its next request when this answer arrives finds the slot free. Through a Redis
+    outage the release goes on in the background and the answer does not wait for it."""
+    pending = [task for task in watch.pending if task is not None and not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=2 * svc.config.redis.timeout_s)
+
+
+async def _serve(route: Route, request: Request, svc: Services, watch: Watch) -> Response:
+    spec = SPECS[route]
     # the key first: a caller without one costs no body read and no parsing (401 at once)
-    principal = await svc.auth.authenticate(request.headers.get("authorization"), client_address(request))
+    principal = await svc.auth.authenticate(api_key(request), client_address(request))
     body = await read_body(request, svc.config.gateway.max_body_bytes, svc.config.gateway.body_timeout_s)
     payload = parse_object(body)
     for field in ENGINE_OWNED:  # the gateway's to set, never the client's
@@ -63,17 +76,23 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
         raise model_not_found(name)
     model, engine = svc.registry.lookup(name)
     watch.begin(name)
-    if ROUTE_KINDS[route] != model.kind:
-        right = "/v1/embeddings" if model.kind == "embed" else "/v1/chat/completions or /v1/completions"
+    if model.kind not in ROUTE_KINDS[route]:
+        right = ", ".join(SPECS[r].path for r in SPECS if model.kind in ROUTE_KINDS[r])
         raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
                        code="wrong_route")
     check_shape(route, payload, svc.config.gateway)
+    drop_reference_only(route, payload)  # accepted, but vLLM does not know them (serving.gateway.schemas)
+    turn = await prepare_turn(payload, principal, svc, request.state.request_id) if route == "responses" else None
+    if turn is not None:
+        body = json.dumps(payload).encode()  # the history it carries now is prompt too
     admission = await svc.limiter.admit(principal, route, payload, body, svc.spawn)  # may cap payload max_tokens
     watch.on_end(admission.release)  # its concurrency slot and token reservation, however the request ends
     headers = admission.headers
-    key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
-                                      payload, request.headers.get("cache-control"))
     stream = payload.get("stream") is True
+    key, read, write = None, False, False
+    if spec.cacheable:
+        key, read, write = svc.cache.plan(route, name, model, svc.config.cache_mode(model), principal.subject,
+                                          payload, request.headers.get("cache-control"))
     options = payload.get("stream_options")
     include_usage = stream and bool((options or {}).get("include_usage"))
     headers["x-cache"] = "bypass" if key is None or not read else "miss"
@@ -88,30 +107,39 @@ async def _serve(route: Route, request: Request, svc: Services, watch: "Watch") 
             admission.settle(name, json.loads(entry).get("usage"), cached=True)
             if stream:
                 return EventStream(watch.replayed(replay(entry, route, include_usage)), headers=headers)
-            return Response(entry, media_type="application/json", headers=headers)
+            return Response(fresh(entry, route), media_type="application/json", headers=headers)
     watch.cache_result(headers["x-cache"])
     shows = Shown()
-    if stream:
+    if stream and spec.dialect == "openai":
         # usage is needed for token limits and accounting, also of a stream the client cuts short: vLLM's
         # running usage gives its prompt tokens from the first chunk on. What the client did not ask for
         # is taken out again.
         running = include_usage and bool((options or {}).get("continuous_usage_stats"))
         shows = Shown(usage=include_usage, running=running,
-                      per_prompt=None if route == "chat" else _choices_per_prompt(payload))
+                      per_prompt=None if route == "chat" else choices_per_prompt(payload))
         payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
-    if svc.config.cache.prefix_salt == "per_key":  # after the response cache's key: it stays shareable
+    # after the response cache's key; every route whose vLLM request takes a salt (all that run the model)
+    if svc.config.cache.prefix_salt == "per_key" and "cache_salt" in known_fields(route):
         payload["cache_salt"] = prefix_salt(principal.subject)
     body = json.dumps(payload).encode()
-    tap = Accounting(svc, admission, name, route, watch, shows=shows, cache_key=key if write else None)
+    tap: Accounting
+    if spec.dialect == "openai":
+        tap = Accounting(svc, admission, name, route, watch, shows=shows, cache_key=key if write else None)
+    else:
+        tap = EventAccounting(svc, admission, name, route, watch, turn=turn, owner=principal.subject,
+                              prompt_estimate=prompt_estimate(body))
     timeout_s = svc.config.gateway.request_timeout_s
     if not stream:
         timeout_s = min(timeout_s, client_timeout_s(request.headers) or timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
     # the internal id (serving.gateway.middleware), never the client's x-request-id
-    work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap)
+    work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap,
+                  dialect=spec.dialect)
     # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
     # fires); a non-streamed request would wait for the whole answer, so it listens for the hang-up
     response = await (work if stream else until_disconnect(request, work))
+    if tap.saving is not None:  # a stored response: findable by the time its id reaches the client
+        await asyncio.shield(tap.saving)
     response.headers.update(headers)
     return response
 
@@ -179,156 +207,6 @@ async def until_disconnect(request: Request, work) -> Response:
     return answer_task.result()
 
 
-class Watch:
-    """Metrics of one request: counted once when it ends, however it ends."""
-
-    def __init__(self, metrics: GatewayMetrics, route: Route):
-        self.metrics, self.route = metrics, route
-        self.model = UNKNOWN_MODEL
-        self.started = time.perf_counter()
-        self.first: float | None = None
-        self.last: float | None = None
-        self.counted_in_flight = False
-        self.done = False
-        self._on_end: list[Callable[[], None]] = []
-
-    def on_end(self, callback: Callable[[], None]) -> None:
-        """Call `callback` when the request ends (in finish), whatever ends it."""
-        self._on_end.append(callback)
-
-    def begin(self, model: str) -> None:
-        self.model = model
-        self.started = self.metrics.started(model)
-        self.counted_in_flight = True
-
-    def cache_result(self, result: str) -> None:
-        self.metrics.cache.inc(1, {"model": self.model, "result": result})
-
-    def chunk(self) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-            self.metrics.ttft.observe(now - self.started, {"model": self.model, "route": self.route})
-        self.last = now
-
-    def replayed(self, events: list[str]):
-        try:
-            for event in events:
-                self.chunk()
-                yield event
-        finally:
-            self.finish(200)
-
-    def refused(self, exc: APIError) -> None:
-        if exc.status == 401 or exc.code == "auth_unavailable":
-            self.metrics.auth_failures.inc(1, {"reason": exc.code or "unknown"})
-        elif exc.status == 429:
-            self.metrics.rate_limited.inc(1, {"model": self.model})
-        self.finish(exc.status)
-
-    def finish(self, status: int, usage: dict[str, Any] | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        for callback in self._on_end:
-            callback()
-        if self.counted_in_flight:
-            self.metrics.finished(self.model, self.route, status, self.started)
-        else:
-            self.metrics.requests.inc(1, {"model": self.model, "route": self.route, "status": str(status)})
-        self.metrics.tokens(self.model, usage)
-        tokens = (usage or {}).get("completion_tokens") or 0
-        if self.first is not None and self.last is not None and tokens > 1:
-            self.metrics.itl.observe((self.last - self.first) / (tokens - 1),
-                                     {"model": self.model, "route": self.route})
-
-
-@dataclass(frozen=True)
-class Shown:
-    """What of a stream's usage the client asked for: vLLM's closing usage chunk (`include_usage`), its
-    running usage on every chunk (`continuous_usage_stats`). per_prompt: choices per prompt of a
-    completions request (`n`; their index is prompt * n + choice), None for chat (one prompt)."""
-
-    usage: bool = True
-    running: bool = True
-    per_prompt: int | None = None
-
-
-_USAGE = ',"usage":{'
-_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
-_DECODER = json.JSONDecoder()
-
-
-class Accounting:
-    """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
-
-    def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
-                 shows: Shown, cache_key: str | None):
-        self.svc, self.admission, self.model, self.watch = svc, admission, model, watch
-        self.shows = shows
-        self.cache_key = cache_key
-        self.assembler = StreamAssembler(route) if cache_key else None
-        self.usage: dict[str, Any] | None = None
-        self.events = 0  # streamed events with output, to count tokens of a stream cut before its usage chunk
-        self.prompts: dict[int, int] = {}  # prompt -> its tokens, from a stream's running usage
-        self.completions: dict[int, int] = {}  # choice index -> tokens so far, from the running usage
-
-    def body(self, status: int, body: bytes) -> None:
-        if status != 200:
-            return
-        self.usage = json.loads(body).get("usage")
-        self.svc.metrics.tokens(self.model, self.usage)
-        self.admission.settle(self.model, self.usage, cached=False)
-        if self.cache_key:
-            self.svc.spawn(self.svc.cache.put(self.cache_key, body))
-
-    def chunk(self, chunk: str) -> str:
-        self.watch.chunk()
-        self.events += chunk.count('"choices":[{')
-        if self.assembler is not None:
-            self.assembler.feed(chunk)
-        if _USAGE not in chunk:  # cheap test on every chunk
-            return chunk
-        return "\n\n".join(event for event in map(self._take_usage, chunk.split("\n\n")) if event is not None)
-
-    def _take_usage(self, event: str) -> str | None:
-        """Notes the usage an event carries; returns the event as the client asked for it (None: not at all)."""
-        at = event.find(_USAGE)
-        if at < 0 or not event.startswith("data: {"):
-            return event
-        try:
-            usage, end = _DECODER.raw_decode(event, at + len(_USAGE) - 1)
-        except ValueError:
-            return event
-        if event.find('"choices":[]', 0, at) >= 0:  # vLLM's usage chunk, after the last choice chunk
-            self.usage = usage
-            return event if self.shows.usage else None
-        found = _INDEX.search(event, 0, at)
-        index = int(found.group(1)) if found else 0
-        prompt = 0 if self.shows.per_prompt is None else index // self.shows.per_prompt
-        self.prompts.setdefault(prompt, int(usage.get("prompt_tokens") or 0))
-        self.completions[index] = int(usage.get("completion_tokens") or 0)
-        return event if self.shows.running else event[:at] + event[end:]
-
-    def end(self) -> None:
-        if self.usage is None and (self.events or self.prompts):
-            # the stream ended before vLLM's usage chunk (client gone, engine failure): count what the running
-            # usage said so far, or one token per event sent, so that hanging up early escapes no token limit
-            completion = sum(self.completions.values()) if self.completions else self.events
-            prompt = sum(self.prompts.values())
-            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        self.admission.settle(self.model, self.usage, cached=False)
-        self.watch.finish(200, self.usage)  # releases the admission: after its usage is settled
-        result = self.assembler.result() if self.assembler is not None else None
-        if result is not None and self.cache_key:
-            self.svc.spawn(self.svc.cache.put(self.cache_key, json.dumps(result, separators=(",", ":")).encode()))
-
-
-def _choices_per_prompt(payload: dict[str, Any]) -> int:
-    n = payload.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-
-
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request's body, at most `limit` bytes (413 beyond), within `timeout_s` seconds (408 after: HAProxy
     bounds only the time between two pieces of a body, so a body sent a byte at a time has no end there);
@@ -373,8 +251,12 @@ def check_shape(route: Route, payload: dict[str, Any], gateway: GatewayConfig) -
         value = (payload.get("stream_options") or {}).get(option)
         if value is not None and not isinstance(value, bool):
             raise APIError(400, f"`stream_options.{option}` must be a boolean.", param=f"stream_options.{option}")
+    refused = unsupported_field(route, payload)
+    if refused is not None:
+        raise APIError(400, f"`{refused}` is not supported by this server: {UNSUPPORTED[refused]}.", param=refused,
+                       code="unsupported_parameter")
     if gateway.reject_unknown_fields:
-        unknown = sorted(set(payload) - known_fields(route))
+        unknown = sorted(set(payload) - accepted_fields(route))
         if unknown:
             raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                            code="unknown_parameter")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Coroutine, Mapping
 
 from serving.config import ModelConfig, ServingConfig
-from serving.engine.protocol import Engine
+from serving.engine.protocol import PATHS, ROUTE_KINDS, Engine
 from serving.gateway.auth import Authenticator
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError
@@ -52,6 +52,8 @@ class Registry:
                     "id": name, "object": "model", "created": self.created, "owned_by": "serving",
                     "root": name if adapter else model.source, "parent": model.name if adapter else None,
                     "kind": model.kind,
+                    # the POST routes that serve this model (a route of another kind answers 400 wrong_route)
+                    "routes": [PATHS[route] for route, kinds in ROUTE_KINDS.items() if model.kind in kinds],
                 })
         return cards
 
@@ -67,11 +69,12 @@ class Services:
     metrics: GatewayMetrics
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
-    def spawn(self, work: Coroutine) -> None:
+    def spawn(self, work: Coroutine) -> asyncio.Task:
         """Bookkeeping after a response (usage, cache writes): off the request's critical path."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

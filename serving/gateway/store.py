@@ -82,6 +82,16 @@ class Store(Protocol):
         expiry (one small hash per key and day); nothing prunes old days."""
         ...
     async def usage_get(self, subject: str) -> dict[str, dict[str, dict[str, int]]]: ...
+    async def record_get(self, kind: str, owner: str, ids: list[str]) -> list[bytes | None]:
+        """The records `ids` of `kind` that `owner` (a key's subject) stored, None for each that is not there
+        (never stored, expired, deleted, or another owner's: owners never see each other's records)."""
+        ...
+    async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
+                         touch: tuple[str, ...] = ()) -> None:
+        """Store a record for `ttl_s` seconds and give the records `touch` (its ancestors, which it needs)
+        the same `ttl_s` from now, so a chain expires as a whole after its last use."""
+        ...
+    async def record_delete(self, kind: str, owner: str, record_id: str) -> bool: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -297,6 +307,26 @@ class RedisStore:
                 out.setdefault(day, {}).setdefault(model, {})[name] = int(value)
         return out
 
+    def _record_key(self, kind: str, owner: str, record_id: str) -> str:
+        return f"{self._p}{kind}:{owner}:{record_id}"
+
+    async def record_get(self, kind: str, owner: str, ids: list[str]) -> list[bytes | None]:
+        if not ids:
+            return []
+        values = await self._redis.mget([self._record_key(kind, owner, i) for i in ids])
+        return [v.encode() if isinstance(v, str) else v for v in values]
+
+    async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
+                         touch: tuple[str, ...] = ()) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._record_key(kind, owner, record_id), value, ex=ttl_s)
+            for other in touch:
+                pipe.expire(self._record_key(kind, owner, other), ttl_s)
+            await pipe.execute()
+
+    async def record_delete(self, kind: str, owner: str, record_id: str) -> bool:
+        return bool(await self._redis.delete(self._record_key(kind, owner, record_id)))
+
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
@@ -443,6 +473,20 @@ class MemoryStore:
 
     async def usage_get(self, subject: str) -> dict[str, dict[str, dict[str, int]]]:
         return json.loads(json.dumps(self._usage.get(subject, {})))
+
+    async def record_get(self, kind: str, owner: str, ids: list[str]) -> list[bytes | None]:
+        return [await self.cache_get(f"{kind}:{owner}:{i}") for i in ids]
+
+    async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
+                         touch: tuple[str, ...] = ()) -> None:
+        self._cache[f"{kind}:{owner}:{record_id}"] = (self._clock() + ttl_s, value)
+        for other in touch:
+            key = f"{kind}:{owner}:{other}"
+            if key in self._cache:
+                self._cache[key] = (self._clock() + ttl_s, self._cache[key][1])
+
+    async def record_delete(self, kind: str, owner: str, record_id: str) -> bool:
+        return self._cache.pop(f"{kind}:{owner}:{record_id}", None) is not None
 
     async def ping(self) -> bool:
         return True

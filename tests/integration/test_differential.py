@@ -11,12 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import NO_CACHE
+from tests.integration.conftest import API_KEY, NO_CACHE
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["Hello, who are you?", "Tell me about the sea.", "List three colours."]
+# Anthropic's SDK no longer takes `temperature` as an argument; its API (and vLLM's Messages layer) still does
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +116,52 @@ def test_completions_same_text_and_tokens(client, plain_vllm):
         assert ours.usage.model_dump() == theirs.usage.model_dump()
 
 
-def test_same_validation_errors(client, plain_vllm):
-    args = dict(model="demo-chat", messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
-    errors = []
-    for api in (client, plain_vllm):
-        with pytest.raises(openai.BadRequestError) as caught:
-            api.chat.completions.create(**args)
-        errors.append(caught.value.body)
-    assert errors[0] == errors[1]
+def test_same_validation_errors_in_openais_types(client, plain_vllm):
+    """vLLM's message and param, with OpenAI's error type and a string code instead of vLLM's exception
+    name and numeric status (docs/api.md)."""
+    errors = {}
+    for name, args in (("too long", dict(messages=[{"role": "user", "content": "word " * 3000}])),
+                       ("max_tokens", dict(messages=[{"role": "user", "content": "x"}], max_tokens=10**6))):
+        for api in (client, plain_vllm):
+            with pytest.raises(openai.BadRequestError) as caught:
+                api.chat.completions.create(model="demo-chat", **args)
+            errors[name, api is client] = caught.value.body
+        ours, theirs = errors[name, True], errors[name, False]
+        assert (ours["message"], ours["param"]) == (theirs["message"], theirs["param"]), name
+        assert theirs["type"] == "BadRequestError" and theirs["code"] == 400
+        assert ours["type"] == "invalid_request_error" and ours["code"] == "context_length_exceeded", ours
+
+
+def test_responses_same_text_and_usage(client, plain_vllm):
+    """The Responses API: plain vLLM answers it itself; the platform passes it to the same vLLM layer
+    (with the conversation kept by the gateway), so one turn gives the same text and usage."""
+    for prompt in PROMPTS[:2]:
+        args = dict(model="demo-chat", input=prompt, max_output_tokens=12, temperature=0, store=False)
+        ours, theirs = client.responses.create(**args), plain_vllm.responses.create(**args)
+        assert ours.output_text == theirs.output_text and ours.output_text
+        assert (ours.usage.input_tokens, ours.usage.output_tokens) == \
+            (theirs.usage.input_tokens, theirs.usage.output_tokens)
+
+
+def test_messages_same_text_and_usage(platform, plain_vllm):
+    import anthropic
+
+    def messages(base: str):
+        claude = anthropic.Anthropic(base_url=base, api_key=API_KEY, max_retries=0, default_headers=NO_CACHE)
+        return claude.messages.create(model="demo-chat", max_tokens=12, extra_body=GREEDY,
+                                      messages=[{"role": "user", "content": PROMPTS[0]}])
+
+    ours, theirs = messages(platform.removesuffix("/v1")), messages(str(plain_vllm.base_url).removesuffix("/v1/"))
+    assert ours.content[0].text == theirs.content[0].text and ours.content[0].text
+    assert (ours.usage.input_tokens, ours.usage.output_tokens) == \
+        (theirs.usage.input_tokens, theirs.usage.output_tokens)
+
+
+def test_tokenize_and_detokenize_same(http, plain_vllm):
+    root = str(plain_vllm.base_url).removesuffix("/v1/")
+    for path, body in (("/tokenize", {"model": "demo-chat", "prompt": PROMPTS[1]}),
+                       ("/tokenize", {"model": "demo-chat", "messages": [{"role": "user", "content": PROMPTS[0]}]}),
+                       ("/detokenize", {"model": "demo-chat", "tokens": [5, 6, 7, 8]})):
+        ours, theirs = http.post(path, json=body), httpx.post(f"{root}{path}", json=body, timeout=60)
+        assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+        assert ours.json() == theirs.json()

@@ -463,15 +463,17 @@ async def test_error_after_first_event_stays_in_band() -> None:
     assert response.status_code == 200
     chunks = sse_json(response.text)
     assert "error" in chunks[-1]
-    # the engine said "engine failed" with code 500: in-band 5xx messages are masked like non-streamed ones
-    assert chunks[-1]["error"]["message"] == MASKED and chunks[-1]["error"]["code"] == 500
+    # the engine said "engine failed" with code 500: in-band 5xx messages are masked like non-streamed ones,
+    # with OpenAI's type and no code (vLLM's integer code is the HTTP status again)
+    assert chunks[-1]["error"]["message"] == MASKED and chunks[-1]["error"]["code"] is None
+    assert chunks[-1]["error"]["type"] == "server_error"
     assert set(chunks[-1]["error"]) == {"message", "type", "param", "code"}
     assert all("error" not in c for c in chunks[:-1])
     assert "".join(ch["delta"].get("content") or "" for c in chunks[:-1] for ch in c["choices"]).count(" ") == 1
     assert not any(ch.get("finish_reason") for c in chunks[:-1] for ch in c["choices"])
 
 
-def test_in_band_engine_errors_are_masked_only_for_5xx() -> None:
+def test_in_band_engine_errors_are_masked_only_for_5xx_and_all_in_openais_types() -> None:
     from serving.gateway.relay import _mask_errors
 
     data = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
@@ -483,8 +485,10 @@ def test_in_band_engine_errors_are_masked_only_for_5xx() -> None:
     masked = _mask_errors(data + e500)
     assert masked.startswith(data) and masked.endswith("\n\n") and "secret" not in masked
     assert json.loads(masked[len(data) + len("data: "):])["error"] == {
-        "message": MASKED, "type": "server_error", "param": None, "code": 500}
-    assert _mask_errors(e400) == e400  # a client error says what was wrong, as vLLM said it
+        "message": MASKED, "type": "server_error", "param": None, "code": None}
+    # a client error says what was wrong, as vLLM said it, with OpenAI's type (tests/unit/test_field_faults.py)
+    assert json.loads(_mask_errors(e400)[len("data: "):])["error"] == {
+        "message": "bad logit_bias", "type": "invalid_request_error", "param": "logit_bias", "code": None}
 
 
 async def test_engine_raising_mid_stream_reports_in_band() -> None:

@@ -328,7 +328,7 @@ which override args.
 {{- end -}}
 {{- /* fixed replica counts are Serve's per-deployment overrides (applied in place), not args: a change
        of an application's args rebuilds it (serving.app.serve_config does the same) */ -}}
-{{- $args := dict "models" $gatewayModels "gateway" (omit .Values.gateway "replicas") "cache" .Values.cache "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
+{{- $args := dict "models" $gatewayModels "gateway" (omit .Values.gateway "replicas") "cache" .Values.cache "responses" .Values.responses "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
 proxy_location: EveryNode
 http_options:
   host: {{ .Values.gateway.host | default "0.0.0.0" | quote }}

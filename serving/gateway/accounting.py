@@ -1,0 +1,213 @@
+"""Usage metering of one answer: the tap the relay (serving.gateway.relay) hands every answer to.
+
+It takes the usage out of the answer (a non-streamed body's `usage`; in a stream vLLM's usage chunk, or
+its running usage, or the final event of a named-event stream), settles the request's admission with it
+(limits and the key's usage records), fills the response cache, and for a stream cut short counts what
+was sent, so that hanging up early escapes no token limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from serving.engine.protocol import Route
+from serving.gateway.cache import StreamAssembler
+from serving.gateway.errors import stream_error
+from serving.gateway.limits import Admission
+from serving.gateway.metrics import Watch
+from serving.gateway.services import Services
+from serving.gateway.specs import SPECS, RouteSpec
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What of a stream's usage the client asked for: vLLM's closing usage chunk (`include_usage`), its
+    running usage on every chunk (`continuous_usage_stats`). per_prompt: choices per prompt of a
+    completions request (`n`; their index is prompt * n + choice), None for chat (one prompt)."""
+
+    usage: bool = True
+    running: bool = True
+    per_prompt: int | None = None
+
+
+_USAGE = ',"usage":{'
+_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
+_DECODER = json.JSONDecoder()
+
+
+class Accounting:
+    """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
+
+    def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
+                 shows: Shown, cache_key: str | None):
+        self.svc, self.admission, self.model, self.watch, self.route = svc, admission, model, watch, route
+        self.shows = shows
+        self.cache_key = cache_key
+        self.assembler = StreamAssembler(route) if cache_key else None
+        # bookkeeping the client must be able to rely on once it has the answer (a stored response it may
+        # continue at once): the relay waits for it before sending the next chunk, routes before the body
+        self.saving: asyncio.Future | None = None
+        self.usage: dict[str, Any] | None = None
+        self.events = 0  # streamed events with output, to count tokens of a stream cut before its usage chunk
+        self.prompts: dict[int, int] = {}  # prompt -> its tokens, from a stream's running usage
+        self.completions: dict[int, int] = {}  # choice index -> tokens so far, from the running usage
+
+    def body(self, status: int, body: bytes) -> bytes:
+        """A non-streamed answer: its usage is settled; returns the body the client gets."""
+        if status != 200:
+            return body
+        self.usage = SPECS[self.route].usage(json.loads(body))
+        self.svc.metrics.tokens(self.model, self.usage)
+        self.admission.settle(self.model, self.usage, cached=False)
+        if self.cache_key:
+            self.svc.spawn(self.svc.cache.put(self.cache_key, body))
+        return body
+
+    def failure(self, status: int, message: str, code: str | None) -> str:
+        """The in-band end of a stream that fails after it started (the relay sends it)."""
+        return stream_error(SPECS[self.route].dialect, status, message, code)
+
+    def chunk(self, chunk: str) -> str:
+        self.watch.chunk()
+        self.events += chunk.count('"choices":[{')
+        if self.assembler is not None:
+            self.assembler.feed(chunk)
+        if _USAGE not in chunk:  # cheap test on every chunk
+            return chunk
+        return "\n\n".join(event for event in map(self._take_usage, chunk.split("\n\n")) if event is not None)
+
+    def _take_usage(self, event: str) -> str | None:
+        """Notes the usage an event carries; returns the event as the client asked for it (None: not at all)."""
+        at = event.find(_USAGE)
+        if at < 0 or not event.startswith("data: {"):
+            return event
+        try:
+            usage, end = _DECODER.raw_decode(event, at + len(_USAGE) - 1)
+        except ValueError:
+            return event
+        if event.find('"choices":[]', 0, at) >= 0:  # vLLM's usage chunk, after the last choice chunk
+            self.usage = usage
+            return event if self.shows.usage else None
+        found = _INDEX.search(event, 0, at)
+        index = int(found.group(1)) if found else 0
+        prompt = 0 if self.shows.per_prompt is None else index // self.shows.per_prompt
+        self.prompts.setdefault(prompt, int(usage.get("prompt_tokens") or 0))
+        self.completions[index] = int(usage.get("completion_tokens") or 0)
+        return event if self.shows.running else event[:at] + event[end:]
+
+    def end(self) -> None:
+        if self.usage is None and (self.events or self.prompts):
+            # the stream ended before vLLM's usage chunk (client gone, engine failure): count what the running
+            # usage said so far, or one token per event sent, so that hanging up early escapes no token limit
+            completion = sum(self.completions.values()) if self.completions else self.events
+            prompt = sum(self.prompts.values())
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        self.admission.settle(self.model, self.usage, cached=False)
+        self.watch.finish(200, self.usage)  # releases the admission: after its usage is settled
+        result = self.assembler.result() if self.assembler is not None else None
+        if result is not None and self.cache_key:
+            self.svc.spawn(self.svc.cache.put(self.cache_key, json.dumps(result, separators=(",", ":")).encode()))
+
+
+def choices_per_prompt(payload: dict[str, Any]) -> int:
+    n = payload.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+class EventAccounting(Accounting):
+    """The tap of a named-event stream (`event: <type>\\ndata: <json>`): the Responses API and Anthropic's
+    Messages API. Usage comes from the stream's own events; for a stream cut short, the input tokens it
+    reported so far and one output token per text delta sent. `turn` (Responses): the stored-response
+    bookkeeping, whose response objects the client sees patched and whose final response is stored."""
+
+    # (usage events, delta event) per dialect: the Responses API ends with response.completed (or
+    # .incomplete/.failed) carrying the response and its usage; Messages has its input tokens in
+    # message_start and the running output tokens in message_delta
+    _DELTA = {"responses": "event: response.output_text.delta", "anthropic": "event: content_block_delta"}
+    _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+    _WITH_RESPONSE = ("response.created", "response.in_progress", *_TERMINAL)
+
+    def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
+                 turn: Any = None, owner: str = "", prompt_estimate: int = 0):
+        """prompt_estimate: the prompt's tokens as estimated for the reservation, billed for a stream cut
+        before the engine reported its input tokens (the Responses API reports them only at the end)."""
+        super().__init__(svc, admission, model, route, watch, shows=Shown(), cache_key=None)
+        self.spec: RouteSpec = SPECS[route]
+        self.turn, self.owner = turn, owner
+        self.input_tokens = 0
+        self.prompt_estimate = prompt_estimate
+        self.output_tokens: int | None = None
+        self._delta = self._DELTA.get(self.spec.dialect, "\0")
+
+    def body(self, status: int, body: bytes) -> bytes:
+        if status != 200:
+            return body
+        answer = json.loads(body)
+        self.usage = self.spec.usage(answer)
+        self.svc.metrics.tokens(self.model, self.usage)
+        self.admission.settle(self.model, self.usage, cached=False)
+        if self.turn is None:
+            return body
+        response = self.turn.patch(answer)
+        self.saving = asyncio.ensure_future(self._save(response))
+        return json.dumps(response, separators=(",", ":")).encode()
+
+    def chunk(self, chunk: str) -> str:
+        self.watch.chunk()
+        self.events += chunk.count(self._delta)
+        if self.spec.dialect == "anthropic":
+            if "event: message_start" not in chunk and "event: message_delta" not in chunk:
+                return chunk
+        elif "event: response." not in chunk or not any(f"event: {kind}" in chunk for kind in self._WITH_RESPONSE):
+            return chunk
+        return "\n\n".join(self._event(event) for event in chunk.split("\n\n"))
+
+    def _event(self, event: str) -> str:
+        kind, _, data = event.partition("\ndata: ")
+        kind = kind.removeprefix("event: ")
+        if not data.startswith("{"):
+            return event
+        if self.spec.dialect == "anthropic":
+            payload = json.loads(data)
+            if kind == "message_start":
+                usage = (payload.get("message") or {}).get("usage") or {}
+                self.input_tokens = int(usage.get("input_tokens") or 0)
+            elif kind == "message_delta":
+                usage = payload.get("usage") or {}
+                if isinstance(usage.get("output_tokens"), int):
+                    self.output_tokens = usage["output_tokens"]
+                if isinstance(usage.get("input_tokens"), int) and usage["input_tokens"]:
+                    self.input_tokens = usage["input_tokens"]
+            return event
+        if kind not in self._WITH_RESPONSE:
+            return event
+        payload = json.loads(data)
+        response = payload.get("response")
+        if not isinstance(response, dict):
+            return event
+        if self.turn is not None:
+            self.turn.patch(response)
+        if kind in self._TERMINAL:
+            self.usage = self.spec.usage(response)
+            if self.turn is not None:
+                self.saving = asyncio.ensure_future(self._save(response))
+        if self.turn is None:
+            return event
+        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}"
+
+    async def _save(self, response: dict[str, Any]) -> None:
+        from serving.gateway.responses import save
+
+        await save(self.svc, self.owner, self.turn, response)
+
+    def end(self) -> None:
+        if self.usage is None and (self.events or self.input_tokens or self.output_tokens):
+            output = self.output_tokens if self.output_tokens is not None else self.events
+            prompt = self.input_tokens or self.prompt_estimate
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+        self.admission.settle(self.model, self.usage, cached=False)
+        self.watch.finish(200, self.usage)
