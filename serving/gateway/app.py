@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from serving.config import ServingConfig
-from serving.engine.protocol import Engine, Route
+from serving.engine.protocol import Engine
 from serving.gateway import schemas as request_schemas
 from serving.gateway.auth import Authenticator, Principal, api_key, client_address
 from serving.gateway.cache import ResponseCache
@@ -24,36 +24,9 @@ from serving.gateway.limits import LEASE_SLACK_S, Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
 from serving.gateway.responses import router as responses_router
-from serving.gateway.routes import openai_route
+from serving.gateway.routes import router as engine_router
 from serving.gateway.services import Registry, Services
-from serving.gateway.specs import SPECS
 from serving.gateway.store import Resilient, Store, build_store
-
-_ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}}}}
-
-
-_ANTHROPIC_ERROR = {"description": "Anthropic error envelope", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["type", "error"], "properties": {
-        "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"], "properties": {
-            "type": {"type": "string"}, "message": {"type": "string"}}}}}}}}
-
-
-def _operation(route: Route) -> dict[str, Any]:
-    """The OpenAPI operation of an engine route: vLLM's own request schema, the route's error envelope."""
-    spec = SPECS[route]
-    # vLLM lets `model` default to its one model; the gateway serves many, so it is required here
-    schema = {"allOf": [request_schemas.load()["routes"][route],
-                        {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}]}
-    content = {"application/json": {}, "text/event-stream": {"description": "SSE stream when `stream` is true"}} \
-        if spec.generates and route != "count_tokens" else {"application/json": {}}
-    error = _ANTHROPIC_ERROR if spec.dialect == "anthropic" else _ERROR
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "responses": {"200": {"description": "The answer", "content": content},
-                          **{str(code): error for code in (400, 401, 404, 413, 415, 429, 503, 504)}}}
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -133,9 +106,7 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
         raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
 
-    for route, spec in SPECS.items():
-        app.add_api_route(spec.path, openai_route(route), methods=["POST"], response_model=None,
-                          summary=spec.summary, openapi_extra=_operation(route))
+    app.include_router(engine_router)
     app.include_router(responses_router)
     _install_openapi(app)
     return app

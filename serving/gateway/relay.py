@@ -149,7 +149,9 @@ def _parsed(body: bytes | None) -> Any:
 def _masked(payload: Any, status: int, dialect: str = "openai") -> Response:
     """An engine's error answer (HTTP `status`, its parsed body) in the gateway's envelope
     (engine_error_body): 4xx with vLLM's message and param, 5xx masked, OpenAI's type and code."""
-    return JSONResponse(engine_error_body(status, payload, dialect=dialect), status_code=status)
+    # a 503 from the engine (still loading, shutting down) is worth retrying, as the gateway's own 503s say
+    headers = {"retry-after": "1"} if status == 503 else None
+    return JSONResponse(engine_error_body(status, payload, dialect=dialect), status_code=status, headers=headers)
 
 
 def _named_masker(dialect: str):

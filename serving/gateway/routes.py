@@ -11,12 +11,13 @@ import math
 import re
 from typing import Any, Mapping
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from serving.config import GatewayConfig
 from serving.engine.protocol import ROUTE_KINDS, Route
+from serving.gateway import schemas as request_schemas
 from serving.gateway.accounting import Accounting, EventAccounting, Shown, choices_per_prompt
 from serving.gateway.auth import api_key, client_address
 from serving.gateway.cache import fresh, replay
@@ -343,3 +344,37 @@ def _valid_unicode(payload: dict[str, Any]) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+_ERROR = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}}}}
+
+
+_ANTHROPIC_ERROR = {"description": "Anthropic error envelope", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["type", "error"], "properties": {
+        "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"], "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"}}}}}}}}
+
+
+def operation(route: Route) -> dict[str, Any]:
+    """The OpenAPI operation of an engine route: vLLM's own request schema, the route's error envelope."""
+    spec = SPECS[route]
+    # vLLM lets `model` default to its one model; the gateway serves many, so it is required here
+    schema = {"allOf": [request_schemas.load()["routes"][route],
+                        {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}]}
+    content = {"application/json": {}, "text/event-stream": {"description": "SSE stream when `stream` is true"}} \
+        if spec.generates and route != "count_tokens" else {"application/json": {}}
+    error = _ANTHROPIC_ERROR if spec.dialect == "anthropic" else _ERROR
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"200": {"description": "The answer", "content": content},
+                          **{str(code): error for code in (400, 401, 404, 413, 415, 429, 503, 504)}}}
+
+
+# The routes answered by an engine, one per entry of serving.gateway.specs
+router = APIRouter(tags=["engine"])
+for _route, _spec in SPECS.items():
+    router.add_api_route(_spec.path, openai_route(_route), methods=["POST"], response_model=None,
+                         summary=_spec.summary, openapi_extra=operation(_route))

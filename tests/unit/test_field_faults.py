@@ -291,6 +291,8 @@ async def test_non_streamed_engine_errors_get_openais_type_and_code(status: int,
         response = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
     assert response.status_code == status
     assert response.json() == {"error": expected}
+    # a 503 is worth retrying: the SDKs' retry logic reads Retry-After
+    assert response.headers.get("retry-after") == ("1" if status == 503 else None)
 
 
 async def test_an_engine_error_that_is_not_json_gets_the_envelope() -> None:
