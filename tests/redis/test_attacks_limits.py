@@ -100,8 +100,13 @@ async def test_flood_of_random_keys_leaves_redis_to_valid_keys(gateway) -> None:
           f"after: {[(r.status_code, r.headers.get('x-cache')) for r in after]}; "
           f"store errors {resilient.errors}, busy {resilient.busy}, "
           f"breaker {'closed' if resilient.available else 'open'}")
-    assert set(statuses) <= {401, 429} and statuses[401] > 0
-    assert all(r.headers.get("retry-after") for r in flood if r.status_code == 429)
+    # Unknown keys are refused. A lookup that is late because this one event loop is saturated by the
+    # flood itself (a slow CPU: asyncio's timer fires before the loop reads Redis' answer) refuses its
+    # unknown key with 503 auth_unavailable instead of 401 — never a 200, never another 5xx; what the
+    # fix guarantees is below: no store error, the breaker closed, valid keys served with their limits.
+    assert set(statuses) <= {401, 429, 503} and statuses[401] + statuses[503] >= FLOOD - statuses[429]
+    assert set(codes) <= {"invalid_api_key", "too_many_failed_attempts", "auth_unavailable"}, codes
+    assert all(r.headers.get("retry-after") for r in flood if r.status_code in (429, 503))
     # during the flood a call may be late on a loaded machine (that request goes on without Redis); none fails
     assert [r.status_code for r in during] == [200] * len(during)
     for response in after:
