@@ -19,6 +19,7 @@ from serving.gateway.cache import StreamAssembler
 from serving.gateway.errors import stream_error
 from serving.gateway.limits import Admission
 from serving.gateway.metrics import Watch
+from serving.gateway.responses import Turn, save
 from serving.gateway.services import Services
 from serving.gateway.specs import SPECS, RouteSpec
 
@@ -57,12 +58,17 @@ class Accounting:
         self.completions: dict[int, int] = {}  # choice index -> tokens so far, from the running usage
 
     def body(self, status: int, body: bytes) -> bytes:
-        """A non-streamed answer: its usage is settled; returns the body the client gets."""
+        """A non-streamed answer: its usage is settled; returns the body the client gets (`answered`)."""
         if status != 200:
             return body
-        self.usage = SPECS[self.route].usage(json.loads(body))
+        answer = json.loads(body)
+        self.usage = SPECS[self.route].usage(answer)
         self.svc.metrics.tokens(self.model, self.usage)
         self.admission.settle(self.model, self.usage, cached=False)
+        return self.answered(answer, body)
+
+    def answered(self, answer: dict[str, Any], body: bytes) -> bytes:
+        """After a non-streamed answer's usage is settled: it fills the cache; the body is sent as it is."""
         if self.cache_key:
             self.svc.spawn(self.svc.cache.put(self.cache_key, body))
         return body
@@ -132,7 +138,7 @@ class EventAccounting(Accounting):
     _WITH_RESPONSE = ("response.created", "response.in_progress", *_TERMINAL)
 
     def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
-                 turn: Any = None, owner: str = "", prompt_estimate: int = 0):
+                 turn: Turn | None = None, owner: str = "", prompt_estimate: int = 0):
         """prompt_estimate: the prompt's tokens as estimated for the reservation, billed for a stream cut
         before the engine reported its input tokens (the Responses API reports them only at the end)."""
         super().__init__(svc, admission, model, route, watch, shows=Shown(), cache_key=None)
@@ -143,17 +149,12 @@ class EventAccounting(Accounting):
         self.output_tokens: int | None = None
         self._delta = self._DELTA.get(self.spec.dialect, "\0")
 
-    def body(self, status: int, body: bytes) -> bytes:
-        if status != 200:
-            return body
-        answer = json.loads(body)
-        self.usage = self.spec.usage(answer)
-        self.svc.metrics.tokens(self.model, self.usage)
-        self.admission.settle(self.model, self.usage, cached=False)
+    def answered(self, answer: dict[str, Any], body: bytes) -> bytes:
+        """A Responses turn: the client gets the response patched (its store fields), and it is stored."""
         if self.turn is None:
             return body
         response = self.turn.patch(answer)
-        self.saving = asyncio.ensure_future(self._save(response))
+        self.saving = asyncio.ensure_future(save(self.svc, self.owner, self.turn, response))
         return json.dumps(response, separators=(",", ":")).encode()
 
     def chunk(self, chunk: str) -> str:
@@ -194,15 +195,10 @@ class EventAccounting(Accounting):
         if kind in self._TERMINAL:
             self.usage = self.spec.usage(response)
             if self.turn is not None:
-                self.saving = asyncio.ensure_future(self._save(response))
+                self.saving = asyncio.ensure_future(save(self.svc, self.owner, self.turn, response))
         if self.turn is None:
             return event
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}"
-
-    async def _save(self, response: dict[str, Any]) -> None:
-        from serving.gateway.responses import save
-
-        await save(self.svc, self.owner, self.turn, response)
 
     def end(self) -> None:
         if self.usage is None and (self.events or self.input_tokens or self.output_tokens):

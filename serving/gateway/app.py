@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Mapping
+from typing import Any, Mapping
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from serving.config import ServingConfig
@@ -25,7 +25,7 @@ from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
 from serving.gateway.responses import router as responses_router
 from serving.gateway.routes import router as engine_router
-from serving.gateway.services import Registry, Services
+from serving.gateway.services import Registry, Services, Svc
 from serving.gateway.store import Resilient, Store, build_store
 
 
@@ -39,12 +39,6 @@ def _install_openapi(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-
-def get_services(request: Request) -> Services:
-    return request.app.state.services
-
-
-Svc = Annotated[Services, Depends(get_services)]
 
 
 def build_services(config: ServingConfig, engines: Mapping[str, Engine], store: Store | None = None,

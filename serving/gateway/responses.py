@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from serving.gateway.auth import Principal, api_key, client_address
 from serving.gateway.errors import APIError
-from serving.gateway.services import Services
+from serving.gateway.services import Services, Svc
 from serving.gateway.store import StoreUnavailable
 
 KIND = "responses"  # the store's record kind
@@ -181,12 +181,7 @@ async def principal_of(request: Request) -> AsyncIterator[Principal]:
         admission.release()
 
 
-def services(request: Request) -> Services:
-    return request.app.state.services
-
-
 Caller = Annotated[Principal, Depends(principal_of)]
-Svc = Annotated[Services, Depends(services)]
 
 
 async def _record(svc: Services, principal: Principal, response_id: str) -> dict[str, Any]:

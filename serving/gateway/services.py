@@ -6,7 +6,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Mapping
+from typing import Annotated, Any, Coroutine, Mapping
+
+from fastapi import Depends, Request
 
 from serving.config import ModelConfig, ServingConfig
 from serving.engine.protocol import PATHS, ROUTE_KINDS, Engine
@@ -84,3 +86,11 @@ class Services:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def get_services(request: Request) -> Services:
+    """The app's Services (create_app puts them on app.state), as a FastAPI dependency."""
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(get_services)]

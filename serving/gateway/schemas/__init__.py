@@ -129,10 +129,16 @@ def reference_only_fields(route: str) -> frozenset[str]:
     return reference_fields(route) - known_fields(route) - set(UNSUPPORTED)
 
 
+@lru_cache(maxsize=16)
+def unsupported_fields(route: str) -> frozenset[str]:
+    """Fields a route's reference accepts, vLLM does not know, and this server refuses (UNSUPPORTED)."""
+    return (reference_fields(route) - known_fields(route)) & frozenset(UNSUPPORTED)
+
+
 def unsupported_field(route: str, payload: dict[str, Any]) -> str | None:
     """The first field of `payload` (sorted) the route's reference accepts but this server refuses
     (UNSUPPORTED), else None."""
-    found = sorted((reference_fields(route) - known_fields(route)) & UNSUPPORTED.keys() & payload.keys())
+    found = sorted(unsupported_fields(route) & payload.keys())
     return found[0] if found else None
 
 
