@@ -32,8 +32,8 @@ MODEL_IMPORT_PATH = "serving.app:model_builder"
 # What the gateways read of a model: its names (adapters included), kind, model card, cache scope and
 # whether it may scale to zero. Everything else (engine and server arguments, replicas, resources,
 # env) is the model's own business: changing it must not roll the gateways. The chart picks the same.
-GATEWAY_MODEL_FIELDS = ("name", "source", "kind", "revision", "lora_adapters", "cache", "autoscaling")
-GATEWAY_SECTIONS = ("gateway", "redis", "cache", "responses", "auth", "limits")
+GATEWAY_MODEL_FIELDS = ("name", "source", "kind", "revision", "lora_adapters", "cache", "autoscaling", "batches")
+GATEWAY_SECTIONS = ("gateway", "redis", "cache", "responses", "files", "batches", "auth", "limits")
 
 
 @serve.ingress()

@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path)
     config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
+    from serving.batches_cli import add_batches_parser, run_batches
     from serving.compare import add_compare_parser, run_compare
     from serving.k8s import add_status_parser, run_status
     from serving.keys import add_keys_parser, run_keys
 
     add_keys_parser(sub)
+    add_batches_parser(sub)
     add_status_parser(sub)
     add_compare_parser(sub)
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return run_keys(args)
+        if args.command == "batches":
+            return run_batches(args)
         if args.command == "status":
             return run_status(args)
         if args.command == "compare":

@@ -31,6 +31,7 @@ _RESERVED_ENGINE_ARGS = {
     "revision": "revision",
     "enable_lora": "lora_adapters",
     "lora_modules": "lora_adapters",
+    "scheduling_policy": "batches",
 }
 
 
@@ -115,6 +116,13 @@ class ModelConfig(_Strict):
     )
     cache: Literal["off", "reproducible", "all"] | None = Field(
         None, description="Response cache for this model; default: cache.mode."
+    )
+    batches: bool = Field(
+        True,
+        description="Takes the lines of batches (the Batch API, /v1/batches). Its engine then schedules by vLLM's "
+        "request priority (`--scheduling-policy priority`): interactive requests run at priority 0, batch lines at "
+        "batches.priority, so waiting interactive requests are started first. false: fcfs, and batch lines for "
+        "this model fail with 400 model_not_batchable.",
     )
 
     @model_validator(mode="after")
@@ -316,6 +324,57 @@ class ResponsesConfig(_Strict):
     )
 
 
+class FilesConfig(_Strict):
+    """Uploaded files (the Files API, /v1/files; purpose `batch`) and the output files of batches. Their
+    records live in Redis (in-process without Redis); their bytes in `storage_url`."""
+
+    storage_url: str = Field(
+        "file:///tmp/serving-files",
+        description="Where file contents are kept: a local directory (`file:///path`; in the chart a mounted PVC, "
+        "shared by every gateway replica), or any fsspec URL whose filesystem is installed (`s3://bucket/prefix` "
+        "with s3fs, `gs://...` with gcsfs; credentials from the environment as that library reads them). Every "
+        "gateway replica must see the same storage.",
+    )
+    max_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file one upload may have (413 beyond; OpenAI's is 200 MB)."
+    )
+    upload_timeout_s: float = Field(
+        600.0, gt=0, description="Longest an upload's body may take to arrive (408 after)."
+    )
+    ttl_s: int = Field(
+        30 * 86400, ge=3600, le=30 * 86400,
+        description="Seconds a file of purpose batch or batch_output is kept when its upload (or batch) sets no "
+        "expires_after (OpenAI's default: 30 days).",
+    )
+
+
+class BatchesConfig(_Strict):
+    """The Batch API (/v1/batches): lines run on the same model deployments as interactive traffic, through
+    Ray Serve, at a lower vLLM priority, a bounded number in flight. Progress is checkpointed in Redis; a
+    batch whose gateway replica dies is resumed by another."""
+
+    max_in_flight: int = Field(
+        4, ge=1,
+        description="Lines of batches one gateway replica has in flight per model at once (all its batches "
+        "together). Interactive requests keep their latency because batch lines never fill a replica's batch.",
+    )
+    priority: int = Field(
+        10, ge=1, description="vLLM request priority of batch lines (interactive requests: 0; lower runs first)."
+    )
+    max_lines: int = Field(50_000, ge=1, description="Most requests in one batch's input file (OpenAI's: 50,000).")
+    max_running: int = Field(4, ge=1, description="Batches one gateway replica runs at once.")
+    lease_s: float = Field(
+        15.0, ge=2,
+        description="A batch is run by the gateway replica holding its lease, renewed every third of this; a "
+        "replica that dies gives it up after at most this long, and another resumes the batch.",
+    )
+    checkpoint_lines: int = Field(
+        64, ge=1, description="Finished lines written to storage and recorded as done in one checkpoint."
+    )
+    checkpoint_s: float = Field(2.0, gt=0, description="Longest finished lines wait for a checkpoint.")
+    poll_s: float = Field(1.0, gt=0, description="How often a gateway replica looks for batches to run.")
+
+
 class APIKeySpec(_Strict):
     """An API key given in the configuration (e.g. bootstrapped from a Kubernetes Secret)."""
 
@@ -397,6 +456,8 @@ class ServingConfig(BaseSettings):
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache.")
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig, description="Stored responses.")
+    files: FilesConfig = Field(default_factory=FilesConfig, description="Files (the Files API).")
+    batches: BatchesConfig = Field(default_factory=BatchesConfig, description="Batches (the Batch API).")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate limits.")
 
@@ -514,7 +575,8 @@ def reference_markdown() -> str:
     sections: list[tuple[str, type[BaseModel]]] = [
         ("top level", ServingConfig), ("gateway", GatewayConfig), ("models[]", ModelConfig),
         ("models[].autoscaling", Autoscaling), ("models[].resources", Resources), ("redis", RedisConfig),
-        ("cache", CacheConfig), ("responses", ResponsesConfig), ("auth", AuthConfig), ("auth.keys[]", APIKeySpec),
+        ("cache", CacheConfig), ("responses", ResponsesConfig), ("files", FilesConfig), ("batches", BatchesConfig),
+        ("auth", AuthConfig), ("auth.keys[]", APIKeySpec),
         ("limits", LimitsConfig)]
     lines = []
     for title, model in sections:

@@ -130,18 +130,21 @@ def _print_keys(records, config: ServingConfig) -> None:
             for r in records]
     rows += [(k.name, "(configuration)", ",".join(k.models) if k.models else "all",
               *(str(getattr(k, f) or "-") for f in LIMIT_FIELDS), "-", "-") for k in config.auth.keys]
-    print(_table(("name", "key", "models", "rpm", "tpm", "concurrent", "n", "max_tokens", "created (UTC)",
+    print(table(("name", "key", "models", "rpm", "tpm", "concurrent", "n", "max_tokens", "created (UTC)",
                   "expires (UTC)"), rows))
 
 
 def _usage_table(usage: dict) -> str:
-    rows = [(day, model, str(c.get("requests", 0)), str(c.get("cached_requests", 0)), str(c.get("prompt_tokens", 0)),
-             str(c.get("completion_tokens", 0)))
+    fields = ("requests", "cached_requests", "prompt_tokens", "completion_tokens", "batch_requests",
+              "batch_prompt_tokens", "batch_completion_tokens")
+    rows = [(day, model, *(str(c.get(f, 0)) for f in fields))
             for day, models in sorted(usage.items()) for model, c in sorted(models.items())]
-    return _table(("day", "model", "requests", "cached", "prompt tokens", "completion tokens"), rows)
+    return table(("day", "model", "requests", "cached", "prompt tokens", "completion tokens", "batch requests",
+                  "batch prompt tokens", "batch completion tokens"), rows)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: columns padded to their widest cell; `(none)` under the header without rows."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
     return "\n".join(lines) if rows else "\n".join(lines) + "\n(none)"

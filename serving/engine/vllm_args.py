@@ -99,6 +99,8 @@ def _base_argv(model: ModelConfig) -> list[str]:
         argv += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in model.lora_adapters.items())]
     if model.kind == "embed":
         argv += ["--runner", "pooling"]
+    if model.batches:  # batch lines run at a lower priority than interactive requests (serving.gateway.batches)
+        argv += ["--scheduling-policy", "priority"]
     return argv
 
 

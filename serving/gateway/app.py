@@ -17,9 +17,13 @@ from serving.config import ServingConfig
 from serving.engine.protocol import Engine
 from serving.gateway import schemas as request_schemas
 from serving.gateway.auth import Authenticator, Principal, api_key, client_address
+from serving.gateway.batch_runner import BatchRunner
+from serving.gateway.batches import router as batches_router
 from serving.gateway.cache import ResponseCache
 from serving.gateway.cors import install_cors
 from serving.gateway.errors import APIError, install_error_handlers
+from serving.gateway.files import FileStorage
+from serving.gateway.files import router as files_router
 from serving.gateway.limits import LEASE_SLACK_S, Limiter
 from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
 from serving.gateway.middleware import RequestIdMiddleware
@@ -48,10 +52,14 @@ def build_services(config: ServingConfig, engines: Mapping[str, Engine], store: 
                           timeout_s=config.redis.timeout_s, retry_interval_s=config.redis.retry_interval_s,
                           on_error=lambda op: metrics.redis_errors.inc(1, {"operation": op}),
                           max_concurrency=config.redis.max_connections, wait_s=config.redis.pool_timeout_s)
-    return Services(config=config, registry=Registry(config, engines), store=resilient,
-                    auth=Authenticator(config.auth, resilient, limits=config.limits),
-                    limiter=Limiter(config.limits, resilient, lease_s=config.gateway.request_timeout_s + LEASE_SLACK_S),
-                    cache=ResponseCache(config.cache, resilient), metrics=metrics)
+    services = Services(config=config, registry=Registry(config, engines), store=resilient,
+                        auth=Authenticator(config.auth, resilient, limits=config.limits),
+                        limiter=Limiter(config.limits, resilient,
+                                        lease_s=config.gateway.request_timeout_s + LEASE_SLACK_S),
+                        cache=ResponseCache(config.cache, resilient), metrics=metrics,
+                        files=FileStorage(config.files.storage_url))
+    services.batches = BatchRunner(services)
+    return services
 
 
 def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: Store | None = None,
@@ -63,7 +71,9 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        services.batches.start()  # resumes batches no replica runs (serving.gateway.batch_runner)
         yield
+        await services.batches.stop()
         await services.drain()
         await services.store.close()
 
@@ -102,6 +112,8 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
 
     app.include_router(engine_router)
     app.include_router(responses_router)
+    app.include_router(files_router)
+    app.include_router(batches_router)
     _install_openapi(app)
     return app
 

@@ -175,6 +175,19 @@ class Authenticator:
         self._verified[d] = (min(now + VERIFIED_TTL_S, expires), principal, expires)
         return principal
 
+    async def principal_of(self, subject: str) -> Principal | None:
+        """The principal whose subject (key digest) this is, as its key stands now: None for a key revoked,
+        expired or unknown (work a key left behind, such as a batch, stops with it). ANONYMOUS's own subject
+        with auth off. Raises StoreUnavailable."""
+        if not self.enabled:
+            return ANONYMOUS if subject == ANONYMOUS.subject else None
+        if subject in self._static:
+            return _principal(subject, self._static[subject])
+        record = await self._store.call("key_get", subject)
+        if record is None or (record.get("expires_at") and record["expires_at"] < self._clock()):
+            return None
+        return _principal(subject, record)
+
     def _hold_back(self, source: str) -> None:
         wait = self.failures.retry_after_s(source)
         if wait is not None:

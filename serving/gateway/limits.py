@@ -61,7 +61,11 @@ class Admission:
     """One admitted request's hold on its key's limits. headers: the x-ratelimit-* of the response."""
 
     def __init__(self, limiter: "Limiter", principal: Principal, *, headers: dict[str, str], spawn: Spawn,
-                 lease: str | None = None, bucket: int = 0, reserved: int = 0):
+                 lease: str | None = None, bucket: int = 0, reserved: int = 0, batch: bool = False):
+        """batch: a line of a batch (serving.gateway.batches), which holds no lease and no reservation and is
+        not charged to TPM; its usage is recorded as batch_requests, batch_prompt_tokens and
+        batch_completion_tokens, apart from the key's interactive usage."""
+        self.batch = batch
         self.headers = headers
         self.principal = principal
         self._limiter, self._spawn = limiter, spawn
@@ -78,6 +82,10 @@ class Admission:
         at release. `cached`: answered from the cache (no engine tokens)."""
         prompt = int((usage or {}).get("prompt_tokens") or 0)
         completion = int((usage or {}).get("completion_tokens") or 0)
+        if self.batch:
+            counts = {"batch_requests": 1, "batch_prompt_tokens": prompt, "batch_completion_tokens": completion}
+            self._later(self._limiter.record, self.principal, model, counts)
+            return
         if not cached:
             self.used = prompt + completion
         counts = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion,
@@ -162,6 +170,10 @@ class Limiter:
             self._refuse(principal, caps, result, reserve, headers)
         return Admission(self, principal, headers=headers, spawn=spawn,
                          lease=lease if caps.max_concurrent else None, bucket=result.bucket, reserved=reserve)
+
+    def check_caps(self, principal: Principal, route: Route, payload: dict[str, Any]) -> None:
+        """The key's caps on one request (`n`, max_tokens; see admit) without admitting it: a batch line."""
+        _apply_caps(route, payload, self.caps(principal))
 
     def reservation(self, route: Route, payload: dict[str, Any], body: bytes) -> int:
         """Tokens a request may use at most: prompt estimate (body bytes / BYTES_PER_TOKEN) + its

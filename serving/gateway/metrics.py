@@ -108,6 +108,13 @@ class GatewayMetrics:
         self.rate_limited = c("serving_rate_limited_requests", "Requests refused by a rate limit.", ("model",))
         self.auth_failures = c("serving_auth_failures", "Requests refused by authentication.", ("reason",))
         self.redis_errors = c("serving_redis_errors", "Redis calls that failed or timed out.", ("operation",))
+        self.batch_lines = c("serving_batch_lines", "Lines of batches finished, by model and result "
+                             "(completed: a 2xx answer; failed: any other, in the batch's error file).",
+                             ("model", "result"))
+        self.batch_lines_pending = g("serving_batch_lines_pending", "Lines of the batches this gateway replica "
+                                     "runs that are not finished yet (queued or in flight).", ("model",))
+        self.batch_lines_in_flight = g("serving_batch_lines_in_flight", "Lines of batches this gateway replica "
+                                       "has at a model now (at most batches.max_in_flight).", ("model",))
         self._in_flight: dict[str, int] = {}
 
     def started(self, model: str) -> float:

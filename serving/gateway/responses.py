@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 
-from serving.gateway.auth import Principal, api_key, client_address
+from serving.gateway.auth import Principal
 from serving.gateway.errors import APIError
-from serving.gateway.services import Services, Svc
+from serving.gateway.services import Caller, Services, Svc
 from serving.gateway.store import StoreUnavailable
 
 KIND = "responses"  # the store's record kind
@@ -169,19 +168,6 @@ async def save(svc: Services, owner: str, turn: Turn, response: dict[str, Any]) 
 router = APIRouter(prefix="/v1/responses", tags=["responses"])
 
 
-async def principal_of(request: Request) -> AsyncIterator[Principal]:
-    """The caller, admitted by its key's RPM and concurrency limits for the request's duration (reading
-    or deleting a stored response runs no model: no tokens are reserved)."""
-    svc: Services = request.app.state.services
-    principal = await svc.auth.authenticate(api_key(request), client_address(request))
-    admission = await svc.limiter.admit(principal, None, {}, b"", svc.spawn)
-    try:
-        yield principal
-    finally:
-        admission.release()
-
-
-Caller = Annotated[Principal, Depends(principal_of)]
 
 
 async def _record(svc: Services, principal: Principal, response_id: str) -> dict[str, Any]:

@@ -15,14 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from serving.config import GatewayConfig
-from serving.engine.protocol import ROUTE_KINDS, Route
+from serving.config import GatewayConfig, ModelConfig
+from serving.engine.protocol import ROUTE_KINDS, Engine, Route
 from serving.gateway import schemas as request_schemas
 from serving.gateway.accounting import Accounting, EventAccounting, Shown, choices_per_prompt
-from serving.gateway.auth import api_key, client_address
+from serving.gateway.auth import Principal, api_key, client_address
 from serving.gateway.cache import fresh, replay
-from serving.gateway.errors import APIError
-from serving.gateway.limits import prompt_estimate
+from serving.gateway.errors import APIError, error_body
+from serving.gateway.limits import Admission, prompt_estimate
 from serving.gateway.metrics import Watch
 from serving.gateway.relay import EventStream, answer
 from serving.gateway.responses import prepare as prepare_turn
@@ -68,21 +68,9 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
     principal = await svc.auth.authenticate(api_key(request), client_address(request))
     body = await read_body(request, svc.config.gateway.max_body_bytes, svc.config.gateway.body_timeout_s)
     payload = parse_object(body)
-    for field in ENGINE_OWNED:  # the gateway's to set, never the client's
-        payload.pop(field, None)
-    name = payload.get("model")
-    if not isinstance(name, str) or not name:
-        raise APIError(400, "You must provide a model parameter (a string).", param="model")
-    if not principal.may_use(name):
-        raise model_not_found(name)
-    model, engine = svc.registry.lookup(name)
+    name, model, engine = lookup_model(payload, principal, svc)
     watch.begin(name)
-    if model.kind not in ROUTE_KINDS[route]:
-        right = ", ".join(SPECS[r].path for r in SPECS if model.kind in ROUTE_KINDS[r])
-        raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
-                       code="wrong_route")
-    check_shape(route, payload, svc.config.gateway)
-    drop_reference_only(route, payload)  # accepted, but vLLM does not know them (serving.gateway.schemas)
+    check_request(route, name, model, payload, svc.config.gateway)
     turn = await prepare_turn(payload, principal, svc, request.state.request_id) if route == "responses" else None
     if turn is not None:
         body = json.dumps(payload).encode()  # the history it carries now is prompt too
@@ -119,9 +107,7 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
         shows = Shown(usage=include_usage, running=running,
                       per_prompt=None if route == "chat" else choices_per_prompt(payload))
         payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
-    # after the response cache's key; every route whose vLLM request takes a salt (all that run the model)
-    if svc.config.cache.prefix_salt == "per_key" and "cache_salt" in known_fields(route):
-        payload["cache_salt"] = prefix_salt(principal.subject)
+    salt(route, payload, principal, svc)  # after the response cache's key
     body = json.dumps(payload).encode()
     tap: Accounting
     if spec.dialect == "openai":
@@ -145,9 +131,82 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
     return response
 
 
-# Request fields only the gateway sets: `cache_salt` (below) and vLLM's `request_id` (the engine's id is
-# the gateway's internal one, serving.gateway.middleware; vLLM takes it from the x-request-id it is given).
-ENGINE_OWNED = ("cache_salt", "request_id")
+async def serve_line(route: Route, payload: dict[str, Any], principal: Principal, svc: Services, *,
+                     priority: int, request_id: str) -> tuple[int, bytes]:
+    """One request of a batch (serving.gateway.batches), answered as `_serve` answers the same request sent
+    interactively without streaming: the same checks, the key's caps, the same engine path and taps (a
+    Responses line with `store` is stored). What differs: no RPM, TPM or concurrency slot (a batch is bounded
+    by its own lines in flight), no response cache, usage recorded as batch usage, vLLM `priority` set to
+    `priority`, and a stream is refused (400). Returns (HTTP status, body in the route's error envelope when
+    it is not 2xx); never raises for a bad request. `request_id`: the engine's id (internal, never a
+    client's: serving.gateway.middleware)."""
+    spec = SPECS[route]
+    try:
+        name, model, engine = lookup_model(payload, principal, svc)
+        check_request(route, name, model, payload, svc.config.gateway)
+        if not model.batches:
+            raise APIError(400, f"The model `{name}` does not take batch requests (its batches setting is off).",
+                           param="model", code="model_not_batchable")
+        if payload.get("stream") is True:
+            raise APIError(400, "Requests of a batch cannot stream: leave `stream` out.", param="stream")
+        svc.limiter.check_caps(principal, route, payload)
+        turn = await prepare_turn(payload, principal, svc, request_id) if route == "responses" else None
+        salt(route, payload, principal, svc)
+        payload["priority"] = priority
+        body = json.dumps(payload).encode()
+        admission = Admission(svc.limiter, principal, headers={}, spawn=svc.spawn, batch=True)
+        watch = Watch(svc.metrics, route)  # never begun: batch lines are not in the interactive request metrics
+        tap: Accounting = Accounting(svc, admission, name, route, watch, shows=Shown(), cache_key=None) \
+            if spec.dialect == "openai" else EventAccounting(svc, admission, name, route, watch, turn=turn,
+                                                             owner=principal.subject)
+        timeout_s = svc.config.gateway.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        response = await answer(engine.generate(route, body, request_id, timeout_s), deadline, tap,
+                                dialect=spec.dialect)
+        if tap.saving is not None:
+            await asyncio.shield(tap.saving)
+        return response.status_code, bytes(response.body)
+    except APIError as exc:
+        error = error_body(exc.status, exc.message, param=exc.param, code=exc.code, dialect=spec.dialect)
+        return exc.status, json.dumps(error).encode()
+
+
+def lookup_model(payload: dict[str, Any], principal: Principal, svc: Services) -> tuple[str, ModelConfig, Engine]:
+    """The request's model name, configuration and engine; the fields only the gateway sets are taken out
+    of `payload`. Raises APIError 400 (no `model` string), 404 model_not_found (unknown, or not this key's)."""
+    for field in ENGINE_OWNED:  # the gateway's to set, never the client's
+        payload.pop(field, None)
+    name = payload.get("model")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "You must provide a model parameter (a string).", param="model")
+    if not principal.may_use(name):
+        raise model_not_found(name)
+    model, engine = svc.registry.lookup(name)
+    return name, model, engine
+
+
+def check_request(route: Route, name: str, model: ModelConfig, payload: dict[str, Any], gateway: GatewayConfig) -> None:
+    """The model's kind serves the route (400 wrong_route) and the request has a shape the gateway accepts
+    (check_shape); fields accepted only for OpenAI's sake are dropped from `payload`."""
+    if model.kind not in ROUTE_KINDS[route]:
+        right = ", ".join(SPECS[r].path for r in SPECS if model.kind in ROUTE_KINDS[r])
+        raise APIError(400, f"The model `{name}` is a {model.kind} model: use {right}.", param="model",
+                       code="wrong_route")
+    check_shape(route, payload, gateway)
+    drop_reference_only(route, payload)  # accepted, but vLLM does not know them (serving.gateway.schemas)
+
+
+def salt(route: Route, payload: dict[str, Any], principal: Principal, svc: Services) -> None:
+    """The key's prefix-cache salt (prefix_salt), on every route whose vLLM request takes one (all that run
+    the model), unless the platform shares cached prefixes across keys."""
+    if svc.config.cache.prefix_salt == "per_key" and "cache_salt" in known_fields(route):
+        payload["cache_salt"] = prefix_salt(principal.subject)
+
+
+# Request fields only the gateway sets: `cache_salt` (below), vLLM's `request_id` (the engine's id is the
+# gateway's internal one, serving.gateway.middleware; vLLM takes it from the x-request-id it is given) and
+# vLLM's `priority` (interactive requests run at 0, batch lines below them: serving.gateway.batches).
+ENGINE_OWNED = ("cache_salt", "request_id", "priority")
 # vLLM's prefix cache is shared by every request on a replica: a cache hit answers measurably faster, so
 # one tenant could learn whether another sent a prompt. vLLM mixes `cache_salt` into the hashes of a
 # request's cached blocks: requests with different salts never share blocks.

@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Coroutine, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Coroutine, Mapping
 
 from fastapi import Depends, Request
 
 from serving.config import ModelConfig, ServingConfig
 from serving.engine.protocol import PATHS, ROUTE_KINDS, Engine
-from serving.gateway.auth import Authenticator
+from serving.gateway.auth import Authenticator, Principal, api_key, client_address
 from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError
 from serving.gateway.limits import Limiter
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.store import Resilient
+
+if TYPE_CHECKING:  # both modules work with Services themselves
+    from serving.gateway.batch_runner import BatchRunner
+    from serving.gateway.files import FileStorage
 
 logger = logging.getLogger("serving.gateway")
 
@@ -69,6 +74,9 @@ class Services:
     limiter: Limiter
     cache: ResponseCache
     metrics: GatewayMetrics
+    files: FileStorage
+    # the batches this replica runs (serving.gateway.batch_runner); build_services sets it
+    batches: BatchRunner = field(init=False)
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, work: Coroutine) -> asyncio.Task:
@@ -94,3 +102,18 @@ def get_services(request: Request) -> Services:
 
 
 Svc = Annotated[Services, Depends(get_services)]
+
+
+async def principal_of(request: Request) -> AsyncIterator[Principal]:
+    """The caller, admitted by its key's RPM and concurrency limits for the request's duration (requests
+    that run no model: stored responses, files, batches; no tokens are reserved)."""
+    svc: Services = request.app.state.services
+    principal = await svc.auth.authenticate(api_key(request), client_address(request))
+    admission = await svc.limiter.admit(principal, None, {}, b"", svc.spawn)
+    try:
+        yield principal
+    finally:
+        admission.release()
+
+
+Caller = Annotated[Principal, Depends(principal_of)]

@@ -88,10 +88,29 @@ class Store(Protocol):
         ...
     async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
                          touch: tuple[str, ...] = ()) -> None:
-        """Store a record for `ttl_s` seconds and give the records `touch` (its ancestors, which it needs)
-        the same `ttl_s` from now, so a chain expires as a whole after its last use."""
+        """Store a record for `ttl_s` seconds (0: without expiry) and give the records `touch` (its ancestors,
+        which it needs) the same `ttl_s` from now, so a chain expires as a whole after its last use."""
         ...
     async def record_delete(self, kind: str, owner: str, record_id: str) -> bool: ...
+    async def record_put_fenced(self, kind: str, owner: str, record_id: str, value: bytes, lease: str,
+                                holder: str) -> bool:
+        """Store a record without expiry only while `holder` holds `lease` (atomically: a holder whose lease
+        passed to another writes nothing). True when written."""
+        ...
+    async def index_add(self, index: str, member: str, score: float) -> None:
+        """Add `member` to the sorted `index` (ordered by `score`, e.g. a creation time) or move it."""
+        ...
+    async def index_remove(self, index: str, member: str) -> None: ...
+    async def index_range(self, index: str, *, newest_first: bool = True) -> list[str]:
+        """All members of `index`, by score (highest first with `newest_first`)."""
+        ...
+    async def lease_take(self, lease: str, holder: str, ttl_s: float) -> bool:
+        """Take `lease` for `holder` for `ttl_s` seconds if nobody else holds it (renew it if `holder` does).
+        True when `holder` holds it now."""
+        ...
+    async def lease_drop(self, lease: str, holder: str) -> None:
+        """Give `lease` up, if `holder` holds it."""
+        ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -230,6 +249,27 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Leases (one holder at a time, for a time) and writes fenced by them: a batch is run by the holder of its
+# lease alone, and a holder that lost its lease (paused past its expiry) cannot overwrite the new holder's
+# progress. Lease keys carry a TTL (their expiry is the point), so memory pressure may end one early: the
+# fence then refuses the old holder's writes, and the batch is resumed, never run twice into its output.
+LEASE_TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+LEASE_DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+FENCED_PUT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class RedisStore:
     """The store in Redis. `max_connections` connections at most; a call that finds them all busy waits
     up to `pool_timeout_s` for one (redis-py's plain pool would fail it at once). `tls`: see tls_options."""
@@ -250,6 +290,9 @@ class RedisStore:
         self._p = prefix
         self._admit = self._redis.register_script(ADMIT)
         self._release = self._redis.register_script(RELEASE)
+        self._fenced = self._redis.register_script(FENCED_PUT)
+        self._lease_take = self._redis.register_script(LEASE_TAKE)
+        self._lease_drop = self._redis.register_script(LEASE_DROP)
 
     def _limit_keys(self, subject: str) -> tuple[str, str, str, str]:
         """Requests hash, tokens hash and leases of `subject`, and the index of all subjects (see ADMIT)."""
@@ -319,13 +362,34 @@ class RedisStore:
     async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
                          touch: tuple[str, ...] = ()) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._record_key(kind, owner, record_id), value, ex=ttl_s)
+            pipe.set(self._record_key(kind, owner, record_id), value, ex=ttl_s or None)
             for other in touch:
                 pipe.expire(self._record_key(kind, owner, other), ttl_s)
             await pipe.execute()
 
     async def record_delete(self, kind: str, owner: str, record_id: str) -> bool:
         return bool(await self._redis.delete(self._record_key(kind, owner, record_id)))
+
+    async def record_put_fenced(self, kind: str, owner: str, record_id: str, value: bytes, lease: str,
+                                holder: str) -> bool:
+        return bool(await self._fenced(keys=[f"{self._p}lease:{lease}", self._record_key(kind, owner, record_id)],
+                                       args=[holder, value]))
+
+    async def index_add(self, index: str, member: str, score: float) -> None:
+        await self._redis.zadd(f"{self._p}index:{index}", {member: score})
+
+    async def index_remove(self, index: str, member: str) -> None:
+        await self._redis.zrem(f"{self._p}index:{index}", member)
+
+    async def index_range(self, index: str, *, newest_first: bool = True) -> list[str]:
+        members = await self._redis.zrange(f"{self._p}index:{index}", 0, -1, desc=newest_first)
+        return [_text(m) for m in members]  # type: ignore[arg-type]  # members only, without scores
+
+    async def lease_take(self, lease: str, holder: str, ttl_s: float) -> bool:
+        return bool(await self._lease_take(keys=[f"{self._p}lease:{lease}"], args=[holder, int(ttl_s * 1000)]))
+
+    async def lease_drop(self, lease: str, holder: str) -> None:
+        await self._lease_drop(keys=[f"{self._p}lease:{lease}"], args=[holder])
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
@@ -347,6 +411,8 @@ class MemoryStore:
         self._indexed: dict[str, float] = {}  # the index (Redis' sorted set): subject -> when its content expires
         self._index: list[tuple[float, str]] = []  # a heap of _indexed's items; entries of changed times are stale
         self._usage: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
+        self._indexes: dict[str, dict[str, float]] = {}  # index -> member -> score
+        self._lease_holders: dict[str, tuple[str, float]] = {}  # lease -> (holder, expiry)
 
     async def cache_get(self, key: str) -> bytes | None:
         entry = self._cache.get(key)
@@ -479,7 +545,7 @@ class MemoryStore:
 
     async def record_put(self, kind: str, owner: str, record_id: str, value: bytes, ttl_s: int,
                          touch: tuple[str, ...] = ()) -> None:
-        self._cache[f"{kind}:{owner}:{record_id}"] = (self._clock() + ttl_s, value)
+        self._cache[f"{kind}:{owner}:{record_id}"] = (self._clock() + ttl_s if ttl_s else float("inf"), value)
         for other in touch:
             key = f"{kind}:{owner}:{other}"
             if key in self._cache:
@@ -487,6 +553,39 @@ class MemoryStore:
 
     async def record_delete(self, kind: str, owner: str, record_id: str) -> bool:
         return self._cache.pop(f"{kind}:{owner}:{record_id}", None) is not None
+
+    async def record_put_fenced(self, kind: str, owner: str, record_id: str, value: bytes, lease: str,
+                                holder: str) -> bool:
+        if not self._holds(lease, holder):
+            return False
+        await self.record_put(kind, owner, record_id, value, 0)
+        return True
+
+    async def index_add(self, index: str, member: str, score: float) -> None:
+        self._indexes.setdefault(index, {})[member] = score
+
+    async def index_remove(self, index: str, member: str) -> None:
+        self._indexes.get(index, {}).pop(member, None)
+
+    async def index_range(self, index: str, *, newest_first: bool = True) -> list[str]:
+        items = sorted(self._indexes.get(index, {}).items(), key=lambda item: (item[1], item[0]),
+                       reverse=newest_first)
+        return [member for member, _ in items]
+
+    def _holds(self, lease: str, holder: str) -> bool:
+        held = self._lease_holders.get(lease)
+        return held is not None and held[0] == holder and held[1] > self._clock()
+
+    async def lease_take(self, lease: str, holder: str, ttl_s: float) -> bool:
+        held = self._lease_holders.get(lease)
+        if held is not None and held[0] != holder and held[1] > self._clock():
+            return False
+        self._lease_holders[lease] = (holder, self._clock() + ttl_s)
+        return True
+
+    async def lease_drop(self, lease: str, holder: str) -> None:
+        if self._holds(lease, holder):
+            del self._lease_holders[lease]
 
     async def ping(self) -> bool:
         return True

@@ -58,7 +58,7 @@ def test_one_application_per_model_and_one_for_the_gateways():
 
 def test_the_gateways_args_hold_only_what_they_read_of_each_model():
     args = gateway_args(config())
-    assert set(args) == {"gateway", "redis", "cache", "responses", "auth", "limits", "models"}
+    assert set(args) == {"gateway", "redis", "cache", "responses", "files", "batches", "auth", "limits", "models"}
     for model in args["models"]:
         assert set(model) <= set(GATEWAY_MODEL_FIELDS)
     assert args["models"][0]["lora_adapters"] == {"chat-lora": "/l"}
