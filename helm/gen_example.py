@@ -25,8 +25,9 @@ HEADER = """\
 # (release "serving", namespace "serving"); do not edit. The RayService `helm install` creates for
 # the CPU demo: its serveConfigV2 holds the gateways' application and one application per model
 # (serving.app.serve_config), its worker group is derived from the models. It refers to the
-# Secrets the chart also creates (serving-api-keys, serving-redis, serving-ray-token) and to the bundled Redis:
-# install the chart rather than applying this file alone (see deploy/quickstart-kind.md).
+# Secrets the chart also creates (serving-api-keys, serving-redis, serving-ray-token), to the bundled Redis and
+# to the files' claim (serving-files): install the chart rather than applying this file alone (see
+# deploy/quickstart-kind.md).
 """
 
 

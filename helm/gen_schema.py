@@ -5,9 +5,10 @@ Run from the repository root after changing values.yaml or serving/config.py:
     .venv/bin/python helm/gen_schema.py          # rewrite the schema
     .venv/bin/python helm/gen_schema.py --check  # exit 1 when the file is stale (tests do this too)
 
-Why generated: `models`, `gateway`, `cache`, `auth`, `limits` and `redis.config` ARE the sections
-of the configuration model (serving/config.py: ModelConfig, GatewayConfig, ...), so their schema
-comes from pydantic and cannot drift from what `serving up` accepts. The chart's own keys are declared below;
+Why generated: `models`, `gateway`, `cache`, `responses`, `files`, `batches`, `auth`, `limits` and
+`redis.config` ARE the sections of the configuration model (serving/config.py: ModelConfig,
+GatewayConfig, ...), so their schema comes from pydantic and cannot drift from what `serving up`
+accepts. The chart's own keys (`fileStorage`, `redis` but its `config`, ...) are declared below;
 their descriptions are the `# --` comments of values.yaml, so each field is documented once and both editors
 and `helm install` show the text.
 Every object is closed (additionalProperties: false) so a typo is an error, not a silent no-op.
@@ -190,6 +191,17 @@ def chart_schema() -> Schema:
             "accessModes": array(string(enum=["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"])),
             "mountPath": string(pattern=r"^/[^:]*$"),
             "emptyDirSizeLimit": string(OPTIONAL_QUANTITY),
+        }),
+        "fileStorage": obj({
+            "mountPath": string(pattern=r"^/[^:]*$"),
+            "persistence": obj({
+                "enabled": boolean(),
+                "existingClaim": string(),
+                "size": string(QUANTITY),
+                "storageClass": string(),
+                "accessModes": array(string(enum=["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany",
+                                                  "ReadWriteOncePod"])) | {"minItems": 1},
+            }),
         }),
         "redis": obj({
             "enabled": boolean(),

@@ -21,8 +21,10 @@ RAY_PODS = {"app.kubernetes.io/name": "serving", "app.kubernetes.io/instance": R
 
 def test_optional_pieces_are_off_by_default():
     kinds = {o["kind"] for o in scenario_objects("default")}
-    # NetworkPolicies are on by default (tests/helm/test_security.py)
-    assert kinds == {"RayService", "Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Pod", "NetworkPolicy"}
+    # NetworkPolicies are on by default (tests/helm/test_security.py), and so is the files' claim
+    # (tests/helm/test_file_storage.py)
+    assert kinds == {"RayService", "Secret", "Service", "StatefulSet", "PodDisruptionBudget", "Pod", "NetworkPolicy",
+                     "PersistentVolumeClaim"}
 
 
 def test_the_gateway_service_is_kuberays_serve_service():

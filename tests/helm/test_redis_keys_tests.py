@@ -80,11 +80,12 @@ def test_no_keys_and_no_test_key_means_no_key_secret():
 
 
 def test_model_cache_claim_is_kept_on_uninstall_or_an_existing_one_is_used():
-    claim = one(scenario_objects("h100-8b"), "PersistentVolumeClaim")
+    claim = one(scenario_objects("h100-8b"), "PersistentVolumeClaim", "-models-cache")
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     objects = scenario_objects("two-gpu-types")
-    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"
+                and o["metadata"]["name"].endswith("-models-cache")]
     cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
     for group in cluster["workerGroupSpecs"]:
         volume = next(v for v in group["template"]["spec"]["volumes"] if v["name"] == "models-cache")

@@ -130,7 +130,7 @@ def test_the_gateways_get_exactly_the_gateway_fields_of_a_model():
         "server_args": {"tool_call_parser": "hermes"}, "lora_adapters": {"m-lora": "/adapters/m"}, "replicas": 2,
         "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4},
         "resources": {"gpus": 1, "cpus": 2, "memory_gib": 16}, "max_ongoing_requests": 8,
-        "max_queued_requests": 16, "env": {"A": "1"}, "cache": "off",
+        "max_queued_requests": 16, "env": {"A": "1"}, "cache": "off", "batches": False,
     }
     assert set(every_field) == set(ModelConfig.model_fields)
     rayservice = rayservice_of({"models": [every_field]})
@@ -366,6 +366,12 @@ CHANGES = [
     ("cache", _set("cache.ttl_s", 60), {GATEWAYS}, "nothing"),
     ("auth", _set("auth.enabled", False), {GATEWAYS}, "nothing"),
     ("redis.config", _set("redis.config.timeout_s", 0.5), {GATEWAYS}, "nothing"),
+    ("files", _set("files.ttl_s", 3600), {GATEWAYS}, "nothing"),
+    ("batches", _set("batches.max_in_flight", 8), {GATEWAYS}, "nothing"),
+    ("a model's batches", _set("models.1.batches", False), {BGE, GATEWAYS}, "nothing"),
+    # the claim's size is the claim's own (the pods name the claim only); a new volume is a pod change
+    ("fileStorage claim size", _set("fileStorage.persistence.size", "50Gi"), set(), "nothing"),
+    ("fileStorage.persistence.enabled", _set("fileStorage.persistence.enabled", False), set(), "new cluster"),
     # the head advertises gateway.replicas x gateway.cpus logical CPUs: a pod spec change
     ("gateway.replicas", _set("gateway.replicas", 3), set(), "new cluster"),
     ("image", _set("image.tag", "0.1.1-gpu"), set(), "new cluster"),

@@ -45,7 +45,7 @@ def demo_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def platform_config(demo_dirs, redis_server):
+def platform_config(demo_dirs, redis_server, tmp_path_factory):
     from serving.config import load_config
     from serving.local import CPU_ENGINE_ARGS, local_models
 
@@ -64,6 +64,10 @@ def platform_config(demo_dirs, redis_server):
         "redis": {"url": redis_server.url, "timeout_s": 0.2, "retry_interval_s": 0.5},
         # the suite's one key stands for many clients (the overload tests send 100+ requests at once)
         "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY, "max_concurrent": 100_000}]},
+        # batches: the files where every gateway replica sees them; a short lease, so the test that kills the
+        # gateways sees the batch resumed within seconds
+        "files": {"storage_url": f"file://{tmp_path_factory.mktemp('files')}"},
+        "batches": {"lease_s": 3.0, "poll_s": 0.5, "checkpoint_s": 0.5},
     }, check_vllm=True)
 
 

@@ -294,6 +294,39 @@ true
   mountPath: {{ .Values.modelCache.mountPath }}
 {{- end }}
 
+{{/* ---------------------------------------------------------------- files and batches */}}
+
+{{/*
+The local directory of files.storage_url ("" when it is not local, e.g. s3://...: then no volume).
+The gateways keep uploaded files and batch outputs there through fsspec (file:///path, or a plain
+path), and every gateway replica must see the same files: they all run on the head pod, which
+mounts fileStorage there, so a local directory outside fileStorage.mountPath (the container's own
+disk, lost on restart and not what a new cluster's head sees) is refused.
+*/}}
+{{- define "serving.filesPath" -}}
+{{- /* FilesConfig's default when values drop storage_url (null) */ -}}
+{{- $url := (.Values.files | default dict).storage_url | default "file:///tmp/serving-files" | toString -}}
+{{- $local := "" -}}
+{{- if hasPrefix "file://" $url -}}
+{{- $local = trimPrefix "file://" $url -}}
+{{- else if not (or (contains "://" $url) (contains "::" $url)) -}}
+{{- $local = $url -}}
+{{- end -}}
+{{- if $local -}}
+{{- $path := clean $local -}}
+{{- $mount := clean .Values.fileStorage.mountPath -}}
+{{- if not (or (eq $path $mount) (hasPrefix (printf "%s/" (trimSuffix "/" $mount)) $path)) -}}
+{{- fail (printf "files.storage_url %s is a local directory outside fileStorage.mountPath %s: the gateways would keep files on the head container's own disk (lost on restart); set files.storage_url to file://%s (or a directory below it), or move fileStorage.mountPath" $url $mount $mount) -}}
+{{- end -}}
+{{- $path -}}
+{{- end -}}
+{{- end }}
+
+{{/* The claim of the files volume: fileStorage.persistence.existingClaim or the chart's own. */}}
+{{- define "serving.filesClaimName" -}}
+{{- .Values.fileStorage.persistence.existingClaim | default (printf "%s-files" (include "serving.fullname" .)) -}}
+{{- end }}
+
 {{/* ---------------------------------------------------------------- the configuration model */}}
 
 {{/*
@@ -303,10 +336,11 @@ for the gateways. Ray Serve rebuilds a whole application when anything in its en
 this path every deployment of an application takes its code version, a hash of its args), so:
 
   application "serving"       serving.app:gateway_builder  route_prefix /
-      args: the sections gateway, redis (= redis.config), cache, auth, limits, and of each model
-      only what the gateways read of it (serving.app.GATEWAY_MODEL_FIELDS: name, source, kind,
-      revision, lora_adapters, cache, autoscaling), so a model's engine_args, server_args,
-      replicas, resources or env never roll the gateways;
+      args: the sections gateway, redis (= redis.config), cache, responses, files, batches, auth,
+      limits (serving.app.GATEWAY_SECTIONS), and of each model only what the gateways read of it
+      (serving.app.GATEWAY_MODEL_FIELDS: name, source, kind, revision, lora_adapters, cache,
+      autoscaling, batches), so a model's engine_args, server_args, replicas, resources or env
+      never roll the gateways;
   application "model-<name>"  serving.app:model_builder    route_prefix null (no HTTP route)
       one per model, in values order; args: the model's values entry verbatim, so a change to
       one model rebuilds that model's application only.
@@ -319,7 +353,7 @@ which override args.
 {{- $gatewayModels := list -}}
 {{- $apps := dict -}}
 {{- range $i, $m := .Values.models -}}
-  {{- $gatewayModels = append $gatewayModels (pick $m "name" "source" "kind" "revision" "lora_adapters" "cache" "autoscaling") -}}
+  {{- $gatewayModels = append $gatewayModels (pick $m "name" "source" "kind" "revision" "lora_adapters" "cache" "autoscaling" "batches") -}}
   {{- $app := include "serving.modelAppName" $m -}}
   {{- if hasKey $apps $app -}}
     {{- fail (printf "models[%d] (%s): its Ray Serve application and deployment name %s is also models[%d]'s (names differ only in characters outside [A-Za-z0-9_-]): rename one" $i $m.name $app (get $apps $app)) -}}
@@ -328,7 +362,7 @@ which override args.
 {{- end -}}
 {{- /* fixed replica counts are Serve's per-deployment overrides (applied in place), not args: a change
        of an application's args rebuilds it (serving.app.serve_config does the same) */ -}}
-{{- $args := dict "models" $gatewayModels "gateway" (omit .Values.gateway "replicas") "cache" .Values.cache "responses" .Values.responses "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
+{{- $args := dict "models" $gatewayModels "gateway" (omit .Values.gateway "replicas") "cache" .Values.cache "responses" .Values.responses "files" .Values.files "batches" .Values.batches "auth" .Values.auth "limits" .Values.limits "redis" .Values.redis.config -}}
 proxy_location: EveryNode
 http_options:
   host: {{ .Values.gateway.host | default "0.0.0.0" | quote }}
