@@ -71,6 +71,26 @@ def _chat(model: str, text: str, max_tokens: int = 12) -> dict:
             "temperature": 0}
 
 
+def run_small_batch(platform: str) -> None:
+    """A batch of two chat lines through the Batch API, waited for."""
+    import io
+    import json
+
+    import openai
+
+    client = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=2)
+    lines = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": CHAT_MODELS[0], "messages": [{"role": "user", "content": f"batch {RUN} {i}"}],
+                       "max_tokens": 4}} for i in range(2)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    file = client.files.create(file=("dashboard.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).status != "completed":
+        assert time.monotonic() < deadline, "the dashboard's batch did not complete"
+        time.sleep(0.25)
+
+
 def one_round(http: httpx.Client, limited_key: str, n: int) -> int:
     """Every kind of request; returns how many. Each gateway replica exports its own series and rate() sees
     no increase in the scrape that creates one: with 3 rounds a few seconds apart, some replica sees every
@@ -164,6 +184,7 @@ def loaded(platform, prometheus, platform_config, redis_server) -> dict:
     before = _settled(port)
     key = asyncio.run(_limited_key(redis_server))
     sent = 0
+    run_small_batch(platform)  # the batch panels' metrics (batch lines are not in serving_requests_total)
     if DOCS_PLOTS:
         sent += background_load(platform, DOCS_LOAD_S)
     with httpx.Client(base_url=platform, timeout=120) as http:
