@@ -346,3 +346,19 @@ async def test_a_replica_that_lost_the_lease_records_nothing(store):
     assert await store.lease_take("batch:x", "b", 10)
     assert not await store.record_put_fenced(KIND, "o", "x", b"3", "batch:x", "a")
     assert (await store.record_get(KIND, "o", ["x"])) == [b"1"]
+
+
+async def test_batch_lines_are_counted_in_their_own_metrics_not_the_interactive_ones(app):
+    from prometheus_client import generate_latest
+
+    client = sdk(app)
+    lines = [chat_line("ok", "hi"), {**chat_line("bad", "x"), "body": {**chat_line("", "x")["body"], "model": "nope"}}]
+    batch = await client.batches.create(input_file_id=(await upload(client, lines)).id,
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+    assert (await finished(client, batch.id)).status == "completed"
+    text = generate_latest(app.state.services.metrics.backend.registry).decode()
+    assert 'serving_batch_lines_total{model="tiny",result="completed"} 1.0' in text
+    assert 'serving_batch_lines_total{model="unknown",result="failed"} 1.0' in text  # never the client's name
+    assert 'serving_batch_lines_pending{model="tiny"} 0.0' in text
+    assert 'serving_batch_lines_in_flight{model="tiny"} 0.0' in text
+    assert "serving_requests_total{" not in text  # no interactive request ran
