@@ -32,7 +32,8 @@ MODEL_IMPORT_PATH = "serving.app:model_builder"
 # What the gateways read of a model: its names (adapters included), kind, model card, cache scope and
 # whether it may scale to zero. Everything else (engine and server arguments, replicas, resources,
 # env) is the model's own business: changing it must not roll the gateways. The chart picks the same.
-GATEWAY_MODEL_FIELDS = ("name", "source", "kind", "revision", "lora_adapters", "cache", "autoscaling", "batches")
+GATEWAY_MODEL_FIELDS = ("name", "source", "kind", "revision", "lora_adapters", "cache", "autoscaling", "batches",
+                        "routing")
 GATEWAY_SECTIONS = ("gateway", "redis", "cache", "responses", "files", "batches", "auth", "limits")
 
 
@@ -82,6 +83,11 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 60,
     }
+    if model.routing == "affinity":  # prefix and adapter affinity (serving.engine.routing)
+        options["request_router_config"] = {
+            "request_router_class": "serving.engine.routing:AffinityRouter",
+            "request_router_kwargs": {"max_imbalance": model.routing_max_imbalance},
+            "request_routing_stats_period_s": 2}
     if model.autoscaling:
         options["autoscaling_config"] = model.autoscaling.model_dump()
     else:
@@ -160,15 +166,15 @@ def gateway_version(config: ServingConfig) -> str:
 
 def build_model_app(model: ModelConfig, *, engine: str = "vllm", fake_options: dict[str, Any] | None = None):
     """One model's Ray Serve application: its ModelServer deployment."""
-    return serve.deployment(ModelServer).options(
-        **model_deployment_options(model), version=model_version(model, engine, fake_options), _internal=True,
+    return serve.deployment(ModelServer).options(**raycompat.versioned_deployment(
+        {**model_deployment_options(model), "version": model_version(model, engine, fake_options)}),
     ).bind(model.model_dump(mode="json"), engine, fake_options)
 
 
 def build_gateway_app(config: ServingConfig):
     """The gateways' Ray Serve application (the HTTP ingress)."""
-    return serve.deployment(Gateway).options(
-        **gateway_deployment_options(config), version=gateway_version(config), _internal=True,
+    return serve.deployment(Gateway).options(**raycompat.versioned_deployment(
+        {**gateway_deployment_options(config), "version": gateway_version(config)}),
     ).bind(gateway_args(config))
 
 

@@ -117,6 +117,19 @@ class ModelConfig(_Strict):
     cache: Literal["off", "reproducible", "all"] | None = Field(
         None, description="Response cache for this model; default: cache.mode."
     )
+    routing: Literal["affinity", "load"] = Field(
+        "affinity",
+        description="How the gateways pick this model's replica for a request. affinity: the replica that "
+        "holds the request's prompt prefix in its prefix cache (every turn of a conversation goes to the same "
+        "replica, from any gateway) and, for a LoRA adapter, one that has it loaded; passed over when its queue "
+        "is more than routing_max_imbalance requests longer than the shortest. load: Ray Serve's power of two "
+        "choices on queue lengths alone.",
+    )
+    routing_max_imbalance: int = Field(
+        8, ge=0,
+        description="affinity routing: requests by which the preferred replica's queue may exceed the shortest "
+        "queue before its requests go to the next replica in their ranking.",
+    )
     batches: bool = Field(
         True,
         description="Takes the lines of batches (the Batch API, /v1/batches). Its engine then schedules by vLLM's "

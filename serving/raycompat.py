@@ -39,6 +39,30 @@ def deployment_handle(deployment: str, app: str):
         return serve.get_deployment_handle(deployment, app)
 
 
+def router_view(handle: Any) -> int | None:
+    """The replicas a DeploymentHandle's router would send a request to now, or None until the
+    controller has told it of a running replica (a new gateway replica's router starts empty, and an
+    empty view then means "not told yet", not "none run"). Reads the handle's router internals: if they
+    moved, None (the gateway then asks the controller instead)."""
+    try:
+        router = handle._router._asyncio_router
+        if not router.running_replicas_populated():
+            return None
+        request_router = router._request_router
+        if request_router is not None:
+            return len(request_router.curr_replicas)
+        return len(router._running_replicas or ())
+    except AttributeError:
+        return None
+
+
+def versioned_deployment(options: dict[str, Any]) -> dict[str, Any]:
+    """Deployment options with Ray Serve's private `_internal` flag: `Deployment.options(version=...)`
+    raises ValueError without it (versions are for config files), and serving.app versions each
+    deployment in code so that a redeploy restarts only what changed."""
+    return {**options, "_internal": True}
+
+
 def ingress_draining_period_s() -> float:
     """How long a replaced ingress replica stays reachable before refusing new connections (Ray
     Serve's direct-ingress draining period, read by each replica from its environment)."""

@@ -75,8 +75,8 @@ class ReplicaHandle:
     def generate(self) -> "ReplicaHandle":
         return self
 
-    def remote(self, *args: Any) -> RayCall:
-        call = RayCall(self.server.generate(*args))
+    def remote(self, *args: Any, **kwargs: Any) -> RayCall:
+        call = RayCall(self.server.generate(*args, **kwargs))
         self.calls.append(call)
         return call
 
@@ -262,7 +262,8 @@ class Recording(FakeEngine):
         super().__init__(name, **kwargs)
         self.bodies: list[dict[str, Any]] = []
 
-    async def generate(self, route, body, request_id, timeout_s=None):
-        self.bodies.append({"route": route, "_request_id": request_id, **json.loads(body)})
+    async def generate(self, route, body, request_id, timeout_s=None, *, affinity=None, adapter=None):
+        self.bodies.append({"route": route, "_request_id": request_id, "_affinity": affinity, "_adapter": adapter,
+                            **json.loads(body)})
         async for item in super().generate(route, body, request_id, timeout_s):
             yield item

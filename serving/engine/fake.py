@@ -55,8 +55,8 @@ class FakeEngine:
         return {"unfinished": self.in_flight, "finished": finished, "aborted": len(self.aborted),
                 "generation_tokens": 0}
 
-    async def generate(self, route: Route, body: bytes, request_id: str,
-                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
+                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
         self.started.append(request_id)
         self.in_flight += 1
         done = False

@@ -75,9 +75,12 @@ class Engine(Protocol):
     iterator early (client gone, timeout) aborts the engine request.
     """
 
-    def generate(self, route: Route, body: bytes, request_id: str,
-                 timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
-        """`timeout_s`: the request's remaining time; the engine ends its own work then."""
+    def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
+                 affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+        """`timeout_s`: the request's remaining time; the engine ends its own work then. `affinity`: the
+        routing key of the request's prompt (serving.gateway.affinity), `adapter`: the LoRA adapter it
+        asks for; an engine of several replicas routes on them (serving.engine.routing), one replica
+        ignores them."""
         ...
 
     async def ready(self) -> bool:

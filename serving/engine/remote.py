@@ -9,6 +9,9 @@ from typing import Any, AsyncIterator
 
 from serving.engine.channel import END, Accepted, ChannelClient, Failed
 from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
+from serving.raycompat import router_view
+
+AFFINITY_KWARG, ADAPTER_KWARG = "affinity", "adapter"  # serving.engine.routing reads them (it imports Ray Serve)
 
 logger = logging.getLogger(__name__)
 
@@ -67,76 +70,26 @@ class ReplicaCounter:
         return counts
 
 
-class RemoteEngine:
-    """Implements serving.engine.protocol.Engine over a DeploymentHandle to a ModelServer.
-
-    With a ChannelClient (direct streams) the answer comes over the gateway's connection to the model
-    replica that took the call, once that connection is up (serving.engine.channel)."""
+class Readiness:
+    """When a model's requests may go ahead (the readiness policy of a RemoteEngine): refused at once when
+    no replica runs (503 model_not_ready rather than a wait in Ray's router until one loads), except for a
+    model that scales to zero, whose first request is what starts a replica."""
 
     def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None,
-                 channel: ChannelClient | None = None, scales_to_zero: bool = False):
-        """scales_to_zero: the model's autoscaling may leave it no replica; a request then waits in Ray
-        Serve's router, which is what makes the autoscaler start one, instead of being refused."""
-        self._handle = handle
+                 scales_to_zero: bool = False):
+        self._handle, self._deployment, self._replicas = handle, deployment, replicas
         self._scales_to_zero = scales_to_zero
-        self._generate = handle.options(stream=True).generate
-        self._deployment = deployment
-        self._replicas = replicas
-        self._channel = channel
 
-    async def generate(self, route: Route, body: bytes, request_id: str,
-                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
-        """`request_id` must be unique among this gateway's requests in flight: the direct stream hands
-        each answer to the request registered under its id, and the replica's engine (vLLM) takes it as
-        its request id. The gateway passes its internal id (serving.gateway.middleware), never a
-        client's x-request-id."""
-        from ray.serve.exceptions import BackPressureError
+    async def ready(self) -> bool:
+        running = await self._running()
+        return running is None or running > 0
 
-        if not await self.ready():
-            raise EngineUnavailable("no ready replica")
-        channel = self._channel
-        queue = channel.register(request_id) if channel is not None else None
-        args = (route, body, request_id, timeout_s) + ((channel.identity,) if channel is not None else ())
-        stream = self._generate.remote(*args)
-        items = aiter(stream)
-        finished = False
-        watcher: asyncio.Task | None = None
-        try:
-            item = await self._admitted(items)
-            if not isinstance(item, Accepted):
-                yield item  # a ModelServer always sends Accepted first; stand-ins in tests may not
-            elif item.via_channel and channel is not None and queue is not None:
-                channel.bind(request_id, item.address)
-                watcher = asyncio.create_task(_watch(items, queue))
-                async for got in _from_channel(queue):
-                    yield got
-                finished = True
-                _WATCHERS.add(watcher)  # the call ends by itself right after; no need to wait for it
-                watcher.add_done_callback(_WATCHERS.discard)
-                return
-            elif item.address is not None and channel is not None:
-                channel.connect(item.address)  # the next requests to that replica take it
-            async for item in items:
-                yield item
-            finished = True
-        except StopAsyncIteration:
-            finished = True
-        except BackPressureError as exc:
-            raise EngineOverloaded(str(exc)) from exc
-        except Exception:
-            if self._replicas is not None:  # a replica died or is unreachable: stop trusting the cached view
-                self._replicas.invalidate()
-            raise
-        finally:
-            if channel is not None:
-                channel.unregister(request_id)
-            if not finished:
-                # the caller left early: cancelling the call aborts the engine request in the replica
-                stream.cancel()
-                if watcher is not None:
-                    watcher.cancel()
+    def failed(self) -> None:
+        """A call failed (a replica died or is unreachable): stop trusting the cached view."""
+        if self._replicas is not None:
+            self._replicas.invalidate()
 
-    async def _admitted(self, items: AsyncIterator[Any]) -> Any:
+    async def admitted(self, items: AsyncIterator[Any]) -> Any:
         """The call's first item. While it is late, ask (at most every ADMISSION_CHECK_S) whether any
         replica runs: a gateway's cached view may be up to 2 s old, and a request it let through
         after the last replica died would otherwise wait in Ray's router until a replacement loads."""
@@ -152,10 +105,6 @@ class RemoteEngine:
             if not first.done():
                 first.cancel()
                 await asyncio.gather(first, return_exceptions=True)
-
-    async def ready(self) -> bool:
-        running = await self._running()
-        return running is None or running > 0
 
     async def _running(self, max_age_s: float = READINESS_TTL_S, wait: bool = False) -> int | None:
         """Running replicas: what the handle's own router knows (no question asked: Ray Serve's
@@ -173,22 +122,91 @@ class RemoteEngine:
         return await self._replicas.running(self._deployment, max_age_s, wait)
 
 
-def router_view(handle: Any) -> int | None:
-    """The replicas a DeploymentHandle's router would send a request to now, or None until the
-    controller has told it of a running replica (a new gateway replica's router starts empty, and an
-    empty view then means "not told yet", not "none run"). Internals of Ray Serve 2.60 (pinned in
-    pyproject.toml; a test checks them against the real app): if they change, the gateway asks the
-    controller instead."""
-    try:
-        router = handle._router._asyncio_router
-        if not router.running_replicas_populated():
-            return None
-        request_router = router._request_router
-        if request_router is not None:
-            return len(request_router.curr_replicas)
-        return len(router._running_replicas or ())
-    except AttributeError:
-        return None
+class RemoteEngine:
+    """Implements serving.engine.protocol.Engine over a DeploymentHandle to a ModelServer: Ray Serve
+    routes each call (serving.engine.routing: to the replica that holds the request's prefix or
+    adapter), `Readiness` decides whether it may go, and the answer comes back over one of two
+    transports: the call itself, or the gateway's direct stream to the replica that took it
+    (serving.engine.channel), once that connection is up."""
+
+    def __init__(self, handle: Any, deployment: str | None = None, replicas: ReplicaCounter | None = None,
+                 channel: ChannelClient | None = None, scales_to_zero: bool = False):
+        """scales_to_zero: the model's autoscaling may leave it no replica; a request then waits in Ray
+        Serve's router, which is what makes the autoscaler start one, instead of being refused."""
+        self.readiness = Readiness(handle, deployment, replicas, scales_to_zero)
+        self._generate = handle.options(stream=True).generate
+        self._channel = channel
+
+    async def ready(self) -> bool:
+        return await self.readiness.ready()
+
+    async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
+                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+        """`request_id` must be unique among this gateway's requests in flight: the direct stream hands
+        each answer to the request registered under its id, and the replica's engine (vLLM) takes it as
+        its request id. The gateway passes its internal id (serving.gateway.middleware), never a
+        client's x-request-id. `affinity` and `adapter` go to the router (serving.engine.routing) as the
+        call's keyword arguments."""
+        from ray.serve.exceptions import BackPressureError
+
+        if not await self.readiness.ready():
+            raise EngineUnavailable("no ready replica")
+        channel = self._channel
+        queue = channel.register(request_id) if channel is not None else None
+        args = (route, body, request_id, timeout_s) + ((channel.identity,) if channel is not None else ())
+        hints = {k: v for k, v in ((AFFINITY_KWARG, affinity), (ADAPTER_KWARG, adapter)) if v}
+        stream = self._generate.remote(*args, **hints)
+        items = aiter(stream)
+        finished = False
+        watcher: list[asyncio.Task] = []
+        try:
+            item = await self.readiness.admitted(items)
+            if isinstance(item, Accepted) and item.via_channel and channel is not None and queue is not None:
+                answer = _via_channel(channel, request_id, item, items, queue, watcher)
+            else:
+                answer = _via_call(channel, item, items)
+            async for got in answer:
+                yield got
+            finished = True
+        except StopAsyncIteration:
+            finished = True
+        except BackPressureError as exc:
+            raise EngineOverloaded(str(exc)) from exc
+        except Exception:
+            self.readiness.failed()
+            raise
+        finally:
+            if channel is not None:
+                channel.unregister(request_id)
+            if not finished:
+                # the caller left early: cancelling the call aborts the engine request in the replica
+                stream.cancel()
+                for task in watcher:
+                    task.cancel()
+
+
+async def _via_call(channel: ChannelClient | None, first: Any, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The answer as the call's own items. A replica that offers a direct stream is connected to in the
+    background: the next requests to it take it."""
+    if not isinstance(first, Accepted):
+        yield first  # a ModelServer always sends Accepted first; stand-ins in tests may not
+    elif first.address is not None and channel is not None:
+        channel.connect(first.address)
+    async for item in items:
+        yield item
+
+
+async def _via_channel(channel: ChannelClient, request_id: str, accepted: Accepted, items: AsyncIterator[Any],
+                       queue: asyncio.Queue, watcher: list[asyncio.Task]) -> AsyncIterator[Any]:
+    """The answer over the direct stream, while the call is followed to its end (a replica that dies
+    fails the request: _watch)."""
+    channel.bind(request_id, accepted.address)
+    task = asyncio.create_task(_watch(items, queue))
+    watcher.append(task)
+    async for got in _from_channel(queue):
+        yield got
+    _WATCHERS.add(task)  # the call ends by itself right after; no need to wait for it
+    task.add_done_callback(_WATCHERS.discard)
 
 
 _WATCHERS: set[asyncio.Task] = set()

@@ -38,13 +38,15 @@ class ModelServer:
             await self.engine.start()
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None,
-                       gateway: tuple[str, str] | None = None) -> AsyncIterator[Reply | str | Accepted]:
+                       gateway: tuple[str, str] | None = None, *, affinity: str | None = None,
+                       adapter: str | None = None) -> AsyncIterator[Reply | str | Accepted]:
         """One request's answer, after an `Accepted` sent at once: Ray delivers a caller's cancellation
         only to a call that has yielded something, so without it a non-streamed request whose client
         left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway
         with direct streams: the answer then goes over that gateway's connection if it is up. The
         secret reaches the replica only here, inside Ray's call; the connection proves it without
-        sending it (serving.engine.channel)."""
+        sending it (serving.engine.channel). `affinity` and `adapter` were for the router (serving.engine
+        .routing) that chose this replica."""
         items = self.engine.generate(route, body, request_id, timeout_s)
         # the engine starts on the request now (vLLM parses it, applies the chat template, tokenizes),
         # while Accepted travels to the gateway; engines never yield None
@@ -82,6 +84,12 @@ class ModelServer:
 
     async def ready(self) -> bool:
         return await self.engine.ready()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What the gateways' routers know of this replica (Ray Serve asks every
+        request_routing_stats_period_s): `adapters`, the LoRA adapters its engine holds loaded now."""
+        loaded = getattr(self.engine, "loaded_adapters", None)
+        return {"adapters": sorted(await loaded()) if loaded is not None else []}
 
     async def stats(self) -> dict[str, float]:
         """Requests the engine holds now (`unfinished`), finished (stop/length), aborted, tokens generated."""

@@ -85,14 +85,24 @@ class VLLMEngine:
         unfinished = 0 if self._client is None else self._client.get_num_unfinished_requests()
         return {"unfinished": unfinished, **self._totals}
 
+    async def loaded_adapters(self) -> set[str]:
+        """The LoRA adapters (served names) the engine holds loaded now: vLLM loads one on its first
+        request and keeps up to max_loras on the device, max_cpu_loras in memory (least recently used
+        go first)."""
+        if self._app is None or self._client is None:
+            return set()
+        ids = await self._client.list_loras()
+        known = self._app.state.openai_serving_models.lora_requests
+        return {name for name, request in known.items() if request.lora_int_id in ids}
+
     async def check_health(self) -> None:
         """Raises when the engine core is dead (Ray Serve then replaces the replica)."""
         if self._client is None:
             raise RuntimeError("engine not started")
         await self._client.check_health()
 
-    async def generate(self, route: Route, body: bytes, request_id: str,
-                       timeout_s: float | None = None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
+                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
         if self._app is None:
             yield _not_ready(self.model.name)
             return

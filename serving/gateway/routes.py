@@ -19,6 +19,7 @@ from serving.config import GatewayConfig, ModelConfig
 from serving.engine.protocol import ROUTE_KINDS, Engine, Route
 from serving.gateway import schemas as request_schemas
 from serving.gateway.accounting import Accounting, EventAccounting, Shown, choices_per_prompt
+from serving.gateway.affinity import affinity_key
 from serving.gateway.auth import Principal, api_key, client_address
 from serving.gateway.cache import fresh, replay
 from serving.gateway.errors import APIError, error_body
@@ -120,8 +121,9 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
         timeout_s = min(timeout_s, client_timeout_s(request.headers) or timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
     # the internal id (serving.gateway.middleware), never the client's x-request-id
-    work = answer(engine.generate(route, body, request.state.request_id, timeout_s), deadline, tap,
-                  dialect=spec.dialect)
+    work = answer(engine.generate(route, body, request.state.request_id, timeout_s, **routing(route, name, model,
+                                                                                              payload)),
+                  deadline, tap, dialect=spec.dialect)
     # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
     # fires); a non-streamed request would wait for the whole answer, so it listens for the hang-up
     response = await (work if stream else until_disconnect(request, work))
@@ -161,8 +163,9 @@ async def serve_line(route: Route, payload: dict[str, Any], principal: Principal
                                                              owner=principal.subject)
         timeout_s = svc.config.gateway.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        response = await answer(engine.generate(route, body, request_id, timeout_s), deadline, tap,
-                                dialect=spec.dialect)
+        response = await answer(engine.generate(route, body, request_id, timeout_s,
+                                                **routing(route, name, model, payload)),
+                                deadline, tap, dialect=spec.dialect)
         if tap.saving is not None:
             await asyncio.shield(tap.saving)
         return response.status_code, bytes(response.body)
@@ -194,6 +197,15 @@ def check_request(route: Route, name: str, model: ModelConfig, payload: dict[str
                        code="wrong_route")
     check_shape(route, payload, gateway)
     drop_reference_only(route, payload)  # accepted, but vLLM does not know them (serving.gateway.schemas)
+
+
+def routing(route: Route, name: str, model: ModelConfig, payload: dict[str, Any]) -> dict[str, str | None]:
+    """What the model's router routes a request on (serving.engine.routing): the key of its prompt's
+    prefix (with the key's prefix-cache salt, which the payload carries by now) and its LoRA adapter."""
+    if model.routing != "affinity":
+        return {}
+    return {"affinity": affinity_key(route, payload, payload.get("cache_salt")),
+            "adapter": name if name != model.name else None}
 
 
 def salt(route: Route, payload: dict[str, Any], principal: Principal, svc: Services) -> None:

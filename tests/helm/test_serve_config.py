@@ -130,7 +130,8 @@ def test_the_gateways_get_exactly_the_gateway_fields_of_a_model():
         "server_args": {"tool_call_parser": "hermes"}, "lora_adapters": {"m-lora": "/adapters/m"}, "replicas": 2,
         "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4},
         "resources": {"gpus": 1, "cpus": 2, "memory_gib": 16}, "max_ongoing_requests": 8,
-        "max_queued_requests": 16, "env": {"A": "1"}, "cache": "off", "batches": False,
+        "max_queued_requests": 16, "env": {"A": "1"}, "cache": "off", "batches": False, "routing": "load",
+        "routing_max_imbalance": 3,
     }
     assert set(every_field) == set(ModelConfig.model_fields)
     rayservice = rayservice_of({"models": [every_field]})

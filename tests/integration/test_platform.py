@@ -40,13 +40,13 @@ def test_health_and_ready(http):
 
 def test_replica_counts_come_from_the_handles_router(platform, platform_config):
     """The gateway reads running replicas from its handle's router (Ray Serve internals, see
-    serving.engine.remote.router_view); if a Ray upgrade moves them this fails, instead of the gateway
+    serving.raycompat.router_view); if a Ray upgrade moves them this fails, instead of the gateway
     quietly falling back to asking the controller on every TTL."""
     import asyncio
 
     from ray import serve
 
-    from serving.engine.remote import router_view
+    from serving.raycompat import router_view
 
     async def counts() -> dict[str, int | None]:
         handles = {m.name: serve.get_deployment_handle(m.deployment_name, m.app_name) for m in platform_config.models}

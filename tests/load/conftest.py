@@ -31,7 +31,7 @@ FAKE_A = {"ttft_s": 0.03, "itl_s": 0.004}
 class TruncatingEngine(FakeEngine):
     """Streams two tokens, then ends without finish_reason and without [DONE] (a cut-off stream)."""
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         request = json.loads(body)
         if not request.get("stream"):
             async for item in super().generate(route, body, request_id):

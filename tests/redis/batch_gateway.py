@@ -19,7 +19,7 @@ class LoggingEngine(FakeEngine):
         super().__init__(name, **kwargs)
         self.log = log
 
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         import json
 
         with open(self.log, "a") as out:

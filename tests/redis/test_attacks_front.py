@@ -48,7 +48,7 @@ class Recording(FakeEngine):
         super().__init__(name, **options)
         self.bodies: list[dict[str, Any]] = []
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Any]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Any]:
         self.bodies.append(json.loads(body))
         async for item in super().generate(route, body, request_id, timeout_s):
             yield item

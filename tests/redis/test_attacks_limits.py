@@ -390,7 +390,7 @@ class Slots(FakeEngine):
         super().__init__(name, **kwargs)
         self.slots = asyncio.Semaphore(slots)
 
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         async with self.slots:
             async for item in super().generate(route, body, request_id, timeout_s):
                 yield item

@@ -357,7 +357,7 @@ class NoFinishEngine:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         self.started.append(request_id)
         yield Reply(200, None)
         chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "tiny",

@@ -53,7 +53,7 @@ class FailingMessages(FakeEngine):
         super().__init__(name)
         self.after = after
 
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         sent = 0
         async for item in super().generate(route, body, request_id, timeout_s):
             if isinstance(item, str):
@@ -649,7 +649,7 @@ class Answering(FakeEngine):
         super().__init__(name)
         self.items = items
 
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         for item in self.items:
             yield item
 

@@ -147,7 +147,7 @@ async def test_a_caller_that_leaves_aborts_only_its_request() -> None:
 
 
 class Exploding(FakeEngine):
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         yield Reply(200, None)
         yield "data: {}\n\n"
         raise ValueError("the engine broke")
@@ -525,7 +525,7 @@ async def test_an_oversized_frame_closes_the_connection() -> None:
 
 
 class Big(FakeEngine):
-    async def generate(self, route, body, request_id, timeout_s=None):
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing):
         yield Reply(200, b'{"data": "' + b"x" * 50_000 + b'"}')
 
 

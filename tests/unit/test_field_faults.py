@@ -59,7 +59,7 @@ class Recording(FakeEngine):
         super().__init__(name)
         self.bodies: list[dict[str, Any]] = []
 
-    def generate(self, route, body, request_id, timeout_s=None):
+    def generate(self, route, body, request_id, timeout_s=None, **_routing):
         self.bodies.append(json.loads(body))
         return super().generate(route, body, request_id, timeout_s)
 
@@ -73,7 +73,7 @@ class Scripted:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         for item in self.items:
             yield item
 

@@ -102,7 +102,7 @@ class ScriptedEngine:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         try:
             for item in self.items:
                 yield item
@@ -117,7 +117,7 @@ class RaisesBeforeFirstItem:
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, route, body, request_id, timeout_s=None) -> AsyncIterator[Reply | str]:
+    async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         raise ConnectionError("replica 10.0.0.7 is gone: secret detail")
         yield  # pragma: no cover - makes this an async generator
 
@@ -128,7 +128,7 @@ class GenerateRaises:
     async def ready(self) -> bool:
         return True
 
-    def generate(self, route, body, request_id, timeout_s=None):
+    def generate(self, route, body, request_id, timeout_s=None, **_routing):
         raise KeyError("secret-internal-state")
 
 

@@ -53,3 +53,18 @@ def test_dashboard_auth_headers_come_from_rays_own_token_loader():
 
     assert callable(http_token_authentication.get_auth_headers_if_auth_enabled)
     assert isinstance(raycompat.dashboard_auth_headers(), dict)
+
+
+def test_versions_in_code_need_the_internal_flag():
+    from ray import serve
+    from ray.serve.deployment import Deployment
+
+    assert "_internal" in inspect.signature(Deployment.options).parameters
+    deployment = serve.deployment(lambda: None, name="probe")
+    with pytest.raises(ValueError):
+        deployment.options(version="v1")
+    assert deployment.options(**raycompat.versioned_deployment({"version": "v1"})).version == "v1"
+
+
+def test_router_view_degrades_to_none_when_the_internals_are_gone():
+    assert raycompat.router_view(object()) is None  # the real handle's view: tests/integration/test_platform.py

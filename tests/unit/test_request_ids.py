@@ -106,7 +106,7 @@ async def test_client_id_is_echoed_and_logged_only(caplog) -> None:
 
 async def test_a_failure_logs_both_ids(caplog) -> None:
     class Raises(FakeEngine):
-        def generate(self, route, body, request_id, timeout_s=None):  # a plain bug in an engine adapter
+        def generate(self, route, body, request_id, timeout_s=None, **_routing):  # a plain bug in an engine adapter
             raise KeyError("boom")
 
     app = create_app(make_config(None, models=TINY), {"tiny": Raises("tiny")})
