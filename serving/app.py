@@ -9,6 +9,7 @@ replica counts and resources of a model never roll the gateways.
 
     application "serving"          (route_prefix "/")  deployment "gateway"      serving.app:gateway_builder
     application "model-<name>"     (no route)          deployment "model-<name>" serving.app:model_builder
+                                                       behind "model-<name>-ingress" (no CPU: Ray Serve's rule)
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from serving import __version__, raycompat
 from serving.config import ModelConfig, ServingConfig
 from serving.engine.channel import ChannelClient
 from serving.engine.remote import RemoteEngine, ReplicaCounter
-from serving.engine.server import ModelServer
+from serving.engine.server import ModelIngress, ModelServer
 
 APP_NAME = "serving"  # the gateways' application (the HTTP ingress)
+INGRESS_SUFFIX = "-ingress"  # of a model application's ingress deployment (serving.engine.server.ModelIngress)
 GATEWAY_IMPORT_PATH = "serving.app:gateway_builder"
 MODEL_IMPORT_PATH = "serving.app:model_builder"
 # What the gateways read of a model: its names (adapters included), kind, model card, cache scope and
@@ -165,10 +167,16 @@ def gateway_version(config: ServingConfig) -> str:
 
 
 def build_model_app(model: ModelConfig, *, engine: str = "vllm", fake_options: dict[str, Any] | None = None):
-    """One model's Ray Serve application: its ModelServer deployment."""
-    return serve.deployment(ModelServer).options(**raycompat.versioned_deployment(
-        {**model_deployment_options(model), "version": model_version(model, engine, fake_options)}),
+    """One model's Ray Serve application: its ModelServer deployment, behind a ModelIngress (no route, no CPU:
+    Ray Serve allows the ModelServer's affinity router only on a deployment that is not the ingress)."""
+    version = model_version(model, engine, fake_options)
+    server = serve.deployment(ModelServer).options(**raycompat.versioned_deployment(
+        {**model_deployment_options(model), "version": version}),
     ).bind(model.model_dump(mode="json"), engine, fake_options)
+    return serve.deployment(ModelIngress).options(**raycompat.versioned_deployment(
+        {"name": f"{model.deployment_name}{INGRESS_SUFFIX}", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+         "version": version}),
+    ).bind(server)
 
 
 def build_gateway_app(config: ServingConfig):

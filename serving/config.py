@@ -126,7 +126,7 @@ class ModelConfig(_Strict):
         "choices on queue lengths alone.",
     )
     routing_max_imbalance: int = Field(
-        8, ge=0,
+        4, ge=0,
         description="affinity routing: requests by which the preferred replica's queue may exceed the shortest "
         "queue before its requests go to the next replica in their ranking.",
     )
@@ -375,7 +375,12 @@ class BatchesConfig(_Strict):
         10, ge=1, description="vLLM request priority of batch lines (interactive requests: 0; lower runs first)."
     )
     max_lines: int = Field(50_000, ge=1, description="Most requests in one batch's input file (OpenAI's: 50,000).")
-    max_running: int = Field(4, ge=1, description="Batches one gateway replica runs at once.")
+    max_running: int = Field(
+        4, ge=1, description="Batches one gateway replica runs at once (taken in turn from each API key's oldest)."
+    )
+    max_active_per_key: int = Field(
+        16, ge=1, description="Batches one API key may have not finished (429 batch_limit_exceeded beyond)."
+    )
     lease_s: float = Field(
         15.0, ge=2,
         description="A batch is run by the gateway replica holding its lease, renewed every third of this; a "

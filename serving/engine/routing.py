@@ -44,7 +44,7 @@ def rendezvous(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]
 class AffinityRouter(RequestRouter):
     """Ray Serve request router (its public extension API) for a model deployment; see the module."""
 
-    def initialize_state(self, max_imbalance: int = 8, **_: Any) -> None:
+    def initialize_state(self, max_imbalance: int = 4, **_: Any) -> None:
         """max_imbalance: requests by which a replica's queue may exceed the shortest one's and still get
         the requests whose key ranks it first (request_router_kwargs of the deployment)."""
         self.max_imbalance = max_imbalance

@@ -119,3 +119,16 @@ async def _after(first: asyncio.Future, items: AsyncIterator[Any]) -> AsyncGener
     yield item
     async for item in items:
         yield item
+
+
+class ModelIngress:
+    """The ingress of a model's application, in front of its ModelServer deployment, which the gateways call
+    directly (by deployment name). It exists because Ray Serve refuses a custom request router on an
+    application's ingress deployment when HAProxy serves HTTP (the router would be bypassed for HTTP
+    traffic), and the model's deployment routes by affinity (serving.engine.routing). The application has
+    no HTTP route, so nothing reaches this deployment; it reserves no CPU and holds only the handle
+    that makes the ModelServer deployment part of its application."""
+
+    def __init__(self, server: Any):
+        self.server = server
+

@@ -55,7 +55,15 @@ logger = logging.getLogger("serving.gateway.batches")
 RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)  # a line answered 503 is tried again after each of these
 SWEEP_EVERY_S = 300.0  # how often a replica deletes the bytes of expired files
 UNRUN = {"cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
-         "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
+         "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+         "revoked": ("invalid_api_key", "The batch's API key was revoked or expired before this request ran.")}
+ENDINGS = {"cancelled": "cancelled", "expired": "expired", "revoked": "cancelled"}  # stop reason -> final status
+MAX_ATTEMPTS = 3  # runs of a batch that end in an unexpected error before it is failed
+KEY_CHECK_S = 5.0  # how often a running batch checks that its API key is still valid
+
+
+class _Ended(Exception):
+    """The batch was ended (failed) on the way: nothing more to do in this run."""
 
 
 class LeaseLost(Exception):
@@ -74,12 +82,13 @@ class BatchRunner:
         self._slots: dict[str, asyncio.Semaphore] = {}  # model -> lines in flight at it
         self._loop: asyncio.Task | None = None
         self._woken = asyncio.Event()
+        self._stopping = False
         self._swept = 0.0
         self.pending: Counter[str] = Counter()  # model -> lines not finished, for the gauge
         self.in_flight: Counter[str] = Counter()  # model -> lines at its engine now
 
     def start(self) -> None:
-        if self._loop is None or self._loop.done():
+        if not self._stopping and (self._loop is None or self._loop.done()):
             self._loop = asyncio.get_running_loop().create_task(self._run())
 
     def wake(self) -> None:
@@ -89,10 +98,13 @@ class BatchRunner:
     async def stop(self) -> None:
         """Stop looking and stop every batch here (their leases are dropped, so another replica resumes them
         at once)."""
+        # a flag, not only the cancel: asyncio.wait_for (3.11) swallows a cancel that meets its wake-up
+        self._stopping = True
         tasks = [t for t in (self._loop, *self.running.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopping = False  # a later start() may run it again (tests; a lifespan runs once)
 
     def slot(self, model: str) -> asyncio.Semaphore:
         if model not in self._slots:
@@ -113,7 +125,7 @@ class BatchRunner:
         return model if isinstance(model, str) and self.svc.config.model(model) is not None else "unknown"
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.scan()
                 if time.monotonic() - self._swept > SWEEP_EVERY_S:
@@ -125,7 +137,8 @@ class BatchRunner:
                 logger.exception("looking for batches failed")
             self._woken.clear()
             try:
-                await asyncio.wait_for(self._woken.wait(), self.svc.config.batches.poll_s)
+                async with asyncio.timeout(self.svc.config.batches.poll_s):
+                    await self._woken.wait()
             except TimeoutError:
                 pass
 
@@ -133,7 +146,7 @@ class BatchRunner:
         """Take the lease of batches to run that nobody holds, up to batches.max_running here; tell the jobs
         of batches being cancelled."""
         config = self.svc.config.batches
-        for member in await self.svc.store.call("index_range", ACTIVE, newest_first=False):
+        for member in fair_order(await self.svc.store.call("index_range", ACTIVE, newest_first=False)):
             if member in self.running:
                 self.jobs[member].poke()
                 continue
@@ -156,6 +169,18 @@ class BatchRunner:
             await files.sweep(self.svc, owner)
 
 
+def fair_order(members: list[str]) -> list[str]:
+    """Active batches ("<owner>/<id>", oldest first) taken in turn from each owner: every key's oldest batch,
+    then every key's second, ...; a key with many batches does not keep another's waiting behind them."""
+    queues: dict[str, list[str]] = {}
+    for member in members:
+        queues.setdefault(member.partition("/")[0], []).append(member)
+    order = []
+    for depth in range(max((len(q) for q in queues.values()), default=0)):
+        order += [q[depth] for q in queues.values() if depth < len(q)]
+    return order
+
+
 def _lease(member: str) -> str:
     return f"batch:{member.partition('/')[2]}"
 
@@ -171,8 +196,11 @@ def _ranges(indexes: list[int]) -> list[list[int]]:
     return runs
 
 
-def _derived_id(prefix: str, batch_id: str, which: str) -> str:
-    return f"{prefix}-{hashlib.sha256(f'{batch_id}/{which}'.encode()).hexdigest()[:32]}"
+def _derived_id(batch_id: str, which: str, at_s: int) -> str:
+    """An output file's id: the same on every run of the batch's finalization (it overwrites, never adds),
+    ordered by the time finalization began, as every file id is by its creation (files.new_id)."""
+    return files.new_id("file-", at_ns=at_s * 1_000_000_000,
+                        suffix=hashlib.sha256(f"{batch_id}/{which}".encode()).hexdigest()[:16])
 
 
 class BatchJob:
@@ -188,6 +216,7 @@ class BatchJob:
         self.in_flight: set[asyncio.Task] = set()
         self.left: Counter[str] = Counter()  # model label -> lines of this run not finished
         self.closing = False  # the checkpoint loop ends after its current checkpoint
+        self.key_checked = time.monotonic()
         self._poked = asyncio.Event()
 
     def poke(self) -> None:
@@ -203,8 +232,9 @@ class BatchJob:
             logger.warning("batch %s: store unavailable, resumed later", self.batch_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:  # tried again by the next holder, up to MAX_ATTEMPTS runs
             logger.exception("batch %s failed", self.batch_id)
+            await self._attempt_failed(exc)
         finally:
             renewing.cancel()
             for task in self.in_flight:
@@ -241,12 +271,43 @@ class BatchJob:
             if batch["status"] == "validating":
                 batch.update(status="in_progress", in_progress_at=int(time.time()))
                 await self._commit()
-            await self._work()
+            try:
+                await self._work()
+            except _Ended:
+                return
+        await self._finalize()
+
+    async def _attempt_failed(self, exc: Exception) -> None:
+        """Count a run that ended in an unexpected error; the batch fails after MAX_ATTEMPTS of them (instead of
+        holding a runner slot for ever), with what it finished so far in its files."""
+        if not self.record:
+            return
+        self.record["attempts"] = self.record.get("attempts", 0) + 1
+        try:
+            if self.record["attempts"] < MAX_ATTEMPTS:
+                await self._commit()
+            else:
+                await self._fail("internal_error", "The batch could not be run; the requests it finished are in its "
+                                                   f"files ({type(exc).__name__}).")
+        except (LeaseLost, StoreUnavailable):
+            pass
+
+    async def _fail(self, code: str, message: str) -> None:
+        """End the batch `failed` with one error (OpenAI's `errors`), its finished lines in its files."""
+        batch = self.record["batch"]
+        batch["errors"] = {"object": "list", "data": [{"code": code, "message": message, "param": None,
+                                                       "line": None}]}
+        self.record["ending"] = "failed"
         await self._finalize()
 
     async def _work(self) -> None:
-        # the input was validated when the batch was created: every line parses
-        lines, _ = parse_input(await self.svc.files.get(self.record["input_path"]), 1 << 62)
+        try:
+            data = await self.svc.files.get(self.record["input_path"])
+        except FileNotFoundError:  # the storage lost the batch's own copy of its input
+            await self._fail("input_file_missing", "The batch's input is no longer in the file storage.")
+            raise _Ended() from None
+        # validated when the batch was created: every line parses. A worker thread: the loop serves meanwhile
+        lines, _ = await asyncio.to_thread(parse_input, data, 1 << 62)
         done = self._recorded()
         pending = [line for line in lines if line.index not in done]
         self.left = Counter(self.runner.label(line) for line in pending)
@@ -314,12 +375,7 @@ class BatchJob:
             status, body = 401, json.dumps(error_body(401, "The API key of this batch is no longer valid.",
                                                       code="invalid_api_key")).encode()
         else:
-            for wait in (*RETRY_WAITS_S, None):
-                status, body = await serve_line(route, json.loads(json.dumps(line.body)), principal, self.svc,
-                                                priority=self.svc.config.batches.priority, request_id=request_id)
-                if status != 503 or wait is None or self.stop_reason is not None:
-                    break
-                await asyncio.sleep(wait)
+            status, body = await self._serve(route, line, principal, request_id)
         ok = 200 <= status < 300
         answer = json.loads(body) if body else None
         usage = SPECS[route].usage(answer) if ok and isinstance(answer, dict) else None
@@ -331,11 +387,29 @@ class BatchJob:
         if len(self.done) >= self.svc.config.batches.checkpoint_lines:
             self._poked.set()
 
+    async def _serve(self, route, line: Line, principal, request_id: str) -> tuple[int, bytes]:
+        """The line's answer, tried again while the model answers 503; any failure is the line's own (500),
+        never one that loses the line."""
+        for wait in (*RETRY_WAITS_S, None):
+            try:
+                status, body = await serve_line(route, json.loads(json.dumps(line.body)), principal, self.svc,
+                                                priority=self.svc.config.batches.priority, request_id=request_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug of an engine adapter: the line fails, the batch goes on
+                logger.exception("batch %s: line %s failed", self.batch_id, line.custom_id)
+                status, body = 500, json.dumps(error_body(500, "internal error")).encode()
+            if status != 503 or wait is None or self.stop_reason is not None:
+                return status, body
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
     async def _checkpoints(self) -> None:
         """Checkpoint every checkpoint_s (sooner when checkpoint_lines are waiting); look for a cancel."""
         while not self.closing:
             try:
-                await asyncio.wait_for(self._poked.wait(), self.svc.config.batches.checkpoint_s)
+                async with asyncio.timeout(self.svc.config.batches.checkpoint_s):
+                    await self._poked.wait()
             except TimeoutError:
                 pass
             self._poked.clear()
@@ -356,6 +430,11 @@ class BatchJob:
             self.record["batch"].update(status="cancelling", cancelling_at=int(flag))
         elif time.time() >= self.record["batch"]["expires_at"]:
             self.stop_reason = "expired"
+        elif time.monotonic() - self.key_checked >= KEY_CHECK_S:
+            self.key_checked = time.monotonic()
+            if await self.svc.auth.principal_of(self.owner) is None:
+                self.stop_reason = "revoked"
+                self.record["batch"].update(status="cancelling", cancelling_at=int(time.time()))
 
     async def _checkpoint(self) -> None:
         """Write the finished lines to part files, then record them (fenced by the lease)."""
@@ -398,7 +477,7 @@ class BatchJob:
     async def _finalize(self) -> None:
         """Join the parts into the output and error files; the batch ends completed, cancelled or expired."""
         batch = self.record["batch"]
-        end = {"cancelled": "cancelled", "expired": "expired"}.get(self.stop_reason or "", "completed")
+        end = self.record.get("ending") or ENDINGS.get(self.stop_reason or "", "completed")
         if batch["status"] != "finalizing":
             batch.update(status="finalizing", finalizing_at=int(time.time()))
             self.record["ending"] = end
@@ -414,7 +493,7 @@ class BatchJob:
         await self.svc.files.delete(self.svc.files.path("batches", self.batch_id), recursive=True)
 
     async def _output_file(self, kind: str, sources: list[str]) -> str:
-        file_id = _derived_id("file", self.batch_id, kind)
+        file_id = _derived_id(self.batch_id, kind, self.record["batch"]["finalizing_at"])
         path = self.svc.files.path(self.owner, file_id)
         size = await self.svc.files.concat(path, sources)
         created_at = int(time.time())

@@ -26,9 +26,9 @@ Routes (https://platform.openai.com/docs/api-reference/batch): POST /v1/batches,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -36,7 +36,7 @@ from fastapi import APIRouter, Query, Request
 
 from serving.engine.protocol import PATHS, Route
 from serving.gateway.errors import APIError
-from serving.gateway.files import PURPOSES, load_record, not_found, store_unavailable
+from serving.gateway.files import PURPOSES, after_cursor, load_record, new_id, not_found, store_unavailable
 from serving.gateway.routes import parse_object, read_body
 from serving.gateway.services import Caller, Services, Svc
 from serving.gateway.store import StoreUnavailable
@@ -74,9 +74,11 @@ def parse_input(data: bytes, max_lines: int) -> tuple[list[Line], list[dict[str,
         if len(errors) < MAX_ERRORS:
             errors.append({"code": code, "message": message, "param": param, "line": number})
 
-    for index, raw in enumerate(data.split(b"\n")):
+    for index, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n")):  # a UTF-8 BOM is no JSON
         if not raw.strip():
             continue
+        if len(errors) >= MAX_ERRORS or len(lines) > max_lines:
+            break  # the batch fails either way: the rest of the file is not read
         try:
             item = parse_object(raw)
         except APIError as exc:
@@ -96,7 +98,7 @@ def parse_input(data: bytes, max_lines: int) -> tuple[list[Line], list[dict[str,
     if not lines and not errors:
         error("empty_file", "The input file has no requests.", 1)
     if len(lines) > max_lines:
-        error("too_many_requests", f"The input file has {len(lines)} requests; a batch takes at most {max_lines}.",
+        error("too_many_requests", f"The input file has more than {max_lines} requests, the most a batch takes.",
               max_lines + 1)
     return lines, errors
 
@@ -170,10 +172,10 @@ def _create_params(payload: dict[str, Any]) -> tuple[str, str, str, dict[str, st
     file_id, endpoint, window = payload.get("input_file_id"), payload.get("endpoint"), payload.get("completion_window")
     if not isinstance(file_id, str) or not file_id:
         raise APIError(400, "`input_file_id` is required (the id of an uploaded file).", param="input_file_id")
-    if endpoint not in ENDPOINTS:
+    if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
         raise APIError(400, f"`endpoint` must be one of {', '.join(ENDPOINTS)}.", param="endpoint",
                        code="invalid_value")
-    if window not in COMPLETION_WINDOW_S:
+    if not isinstance(window, str) or window not in COMPLETION_WINDOW_S:
         raise APIError(400, "`completion_window` must be 24h.", param="completion_window", code="invalid_value")
     if payload.get("output_expires_after") is not None:
         _output_expiry(payload["output_expires_after"])
@@ -181,7 +183,8 @@ def _create_params(payload: dict[str, Any]) -> tuple[str, str, str, dict[str, st
 
 
 def _output_expiry(value: Any) -> int:
-    if not isinstance(value, dict) or value.get("anchor") != "created_at" or not isinstance(value.get("seconds"), int) \
+    if not isinstance(value, dict) or set(value) != {"anchor", "seconds"} or value.get("anchor") != "created_at" \
+            or not isinstance(value.get("seconds"), int) \
             or isinstance(value.get("seconds"), bool) or not 3600 <= value["seconds"] <= 30 * 86400:
         raise APIError(400, "`output_expires_after` must be {\"anchor\": \"created_at\", \"seconds\": 3600..2592000}.",
                        param="output_expires_after")
@@ -203,28 +206,38 @@ async def create_batch(request: Request, principal: Caller, svc: Svc) -> dict[st
     if file["file"]["purpose"] not in PURPOSES:
         raise APIError(400, f"File {file_id} has purpose {file['file']['purpose']!r}, not batch.",
                        param="input_file_id", code="invalid_file")
+    owner_active = [m for m in await _active(svc) if m.startswith(f"{owner}/")]
+    if len(owner_active) >= svc.config.batches.max_active_per_key:
+        raise APIError(429, f"This API key has {len(owner_active)} batches not finished, the most it may have; "
+                            "create more when one has ended.", code="batch_limit_exceeded",
+                       headers={"retry-after": "60"})
+    batch_id = new_id("batch_")
+    input_path = svc.files.path("batches", batch_id, "input.jsonl")
     try:
-        lines, errors = parse_input(await svc.files.get(file["path"]), svc.config.batches.max_lines)
+        data = await svc.files.get(file["path"])
+        # parsed in a worker thread: a big file must not stop the gateway's event loop
+        lines, errors = await asyncio.to_thread(parse_input, data, svc.config.batches.max_lines)
+        if not errors:  # the batch's own copy: deleting or expiring the uploaded file cannot take it away
+            await svc.files.put(input_path, data)
     except FileNotFoundError:
         raise not_found(file_id) from None
     created_at = int(time.time())
-    batch_id = f"batch_{uuid.uuid4().hex}"
     batch = batch_object(batch_id, endpoint=endpoint, input_file_id=file_id, window=window, created_at=created_at,
                          metadata=metadata, total=0 if errors else len(lines))
-    models = {line.body.get("model") for line in lines}
-    batch["model"] = models.pop() if len(models) == 1 and all(isinstance(m, str) for m in models) else None
+    models = {str(line.body.get("model")) for line in lines[:1000]}
+    batch["model"] = models.pop() if len(models) == 1 and isinstance(lines[0].body.get("model"), str) else None
     if errors:  # OpenAI's validation failure: the batch exists, failed, with the lines that made it fail
         batch.update(status="failed", failed_at=created_at, errors={"object": "list", "data": errors})
-    record = {"batch": batch, "owner": owner, "input_path": file["path"], "parts": [],
+    record = {"batch": batch, "owner": owner, "input_path": input_path, "parts": [],
               "output_expires_s": _output_expiry(payload["output_expires_after"])
               if payload.get("output_expires_after") is not None else svc.config.files.ttl_s}
     member = f"{owner}/{batch_id}"
     try:
         await svc.store.call("record_put", KIND, owner, batch_id, json.dumps(record).encode(), 0)
-        await svc.store.call("index_add", f"{KIND}:{owner}", batch_id, float(created_at))
+        await svc.store.call("index_add", f"{KIND}:{owner}", batch_id, 0.0)  # listed by id: by creation time
         await svc.store.call("index_add", ALL, member, float(created_at))
         if not errors:
-            await svc.store.call("index_add", ACTIVE, member, float(created_at))
+            await svc.store.call("index_add", ACTIVE, member, time.time())
     except StoreUnavailable:
         raise store_unavailable() from None
     if not errors:
@@ -240,6 +253,13 @@ async def _get(svc: Services, owner: str, batch_id: str) -> tuple[dict[str, Any]
     if record is None:
         raise APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="not_found")
     return record, cancelled_at
+
+
+async def _active(svc: Services) -> list[str]:
+    try:
+        return await svc.store.call("index_range", ACTIVE)
+    except StoreUnavailable:
+        raise store_unavailable() from None
 
 
 @router.get("/{batch_id}", summary="A batch (of this API key).")
@@ -270,11 +290,7 @@ async def list_batches(principal: Caller, svc: Svc, limit: Annotated[int, Query(
     """OpenAI's list object (`data`, `first_id`, `last_id`, `has_more`); `after`: a batch id to page from."""
     owner = principal.subject
     try:
-        ids = await svc.store.call("index_range", f"{KIND}:{owner}")
-        if after is not None:
-            if after not in ids:
-                raise APIError(400, f"No batch with id '{after}' to list after.", param="after")
-            ids = ids[ids.index(after) + 1:]
+        ids = after_cursor(sorted(await svc.store.call("index_range", f"{KIND}:{owner}"), reverse=True), after, True)
         page_ids = ids[:limit]
         records = await svc.store.call("record_get", KIND, owner, page_ids)
         flags = await svc.store.call("record_get", CANCEL, owner, page_ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import uuid
@@ -33,6 +34,7 @@ from serving.gateway.services import Caller, Services, Svc
 from serving.gateway.store import StoreUnavailable
 
 KIND = "files"  # the store's record kind; each owner's files are also in the index files:<owner>
+_SECONDS = re.compile(r"[0-9]{1,8}")  # ASCII digits only (str.isdigit takes superscripts, int() other scripts)
 OWNERS = "files-owners"  # index of the owners that have files (whose expired files are swept)
 PURPOSES = ("batch",)  # what may be uploaded; batches write files of purpose batch_output
 EXPIRY_RANGE_S = (3600, 30 * 86400)  # OpenAI's bounds of expires_after.seconds
@@ -91,6 +93,20 @@ class FileStorage:
         await asyncio.to_thread(remove)
 
 
+def new_id(prefix: str, at_ns: int | None = None, suffix: str | None = None) -> str:
+    """An id that sorts by creation time (16 hex digits of nanoseconds) and cannot be guessed (64 random
+    bits, or `suffix`): lists page by it, so a cursor whose object was deleted still has its place."""
+    return f"{prefix}{at_ns if at_ns is not None else time.time_ns():016x}{suffix or uuid.uuid4().hex[:16]}"
+
+
+def after_cursor(ids: list[str], after: str | None, newest_first: bool) -> list[str]:
+    """The ids (sorted as `newest_first` says) that come after the cursor `after` (OpenAI's `after`), also
+    when the object it names was deleted since."""
+    if after is None:
+        return ids
+    return [i for i in ids if (i < after if newest_first else i > after)]
+
+
 def file_object(file_id: str, size: int, created_at: int, filename: str, purpose: str,
                 expires_at: int | None) -> dict[str, Any]:
     """OpenAI's File object."""
@@ -103,7 +119,7 @@ async def save_record(svc: Services, owner: str, record: dict[str, Any]) -> None
     file = record["file"]
     ttl_s = max(1, file["expires_at"] - int(time.time())) if file.get("expires_at") else 0
     await svc.store.call("record_put", KIND, owner, file["id"], json.dumps(record).encode(), ttl_s)
-    await svc.store.call("index_add", f"{KIND}:{owner}", file["id"], float(file["created_at"]))
+    await svc.store.call("index_add", f"{KIND}:{owner}", file["id"], 0.0)  # listed by id: by creation time
     await svc.store.call("index_add", OWNERS, owner, float(file["created_at"]))
 
 
@@ -156,7 +172,7 @@ def _expiry(form, created_at: int, default_s: int) -> int:
         return created_at + default_s
     if anchor != "created_at":
         raise APIError(400, "`expires_after[anchor]` must be `created_at`.", param="expires_after.anchor")
-    if not isinstance(seconds, str) or not seconds.isdigit() or not \
+    if not isinstance(seconds, str) or not _SECONDS.fullmatch(seconds) or not \
             EXPIRY_RANGE_S[0] <= int(seconds) <= EXPIRY_RANGE_S[1]:
         raise APIError(400, f"`expires_after[seconds]` must be an integer from {EXPIRY_RANGE_S[0]} to "
                             f"{EXPIRY_RANGE_S[1]}.", param="expires_after.seconds")
@@ -180,7 +196,7 @@ async def create_file(request: Request, principal: Caller, svc: Svc) -> dict[str
             raise APIError(413, f"The file is larger than {config.max_bytes} bytes.", code="file_too_large")
         created_at = int(time.time())
         expires_at = _expiry(form, created_at, config.ttl_s)
-        file_id = f"file-{uuid.uuid4().hex}"
+        file_id = new_id("file-")
         path = svc.files.path(principal.subject, file_id)
         upload.file.seek(0)
         await svc.files.put_stream(path, upload.file)
@@ -213,11 +229,8 @@ async def list_files(principal: Caller, svc: Svc, purpose: str | None = None,
                      after: str | None = None) -> dict[str, Any]:
     """OpenAI's list object (`data`, `first_id`, `last_id`, `has_more`); `after`: a file id to page from."""
     try:
-        ids = await svc.store.call("index_range", f"{KIND}:{principal.subject}", newest_first=order == "desc")
-        if after is not None:
-            if after not in ids:
-                raise APIError(400, f"No file with id '{after}' to list after.", param="after")
-            ids = ids[ids.index(after) + 1:]
+        ids = sorted(await svc.store.call("index_range", f"{KIND}:{principal.subject}"), reverse=order == "desc")
+        ids = after_cursor(ids, after, order == "desc")
         files: list[dict[str, Any]] = []
         for start in range(0, len(ids), 100):  # one read per hundred ids until the page is full
             raw = await svc.store.call("record_get", KIND, principal.subject, ids[start:start + 100])

@@ -362,3 +362,155 @@ async def test_batch_lines_are_counted_in_their_own_metrics_not_the_interactive_
     assert 'serving_batch_lines_pending{model="tiny"} 0.0' in text
     assert 'serving_batch_lines_in_flight{model="tiny"} 0.0' in text
     assert "serving_requests_total{" not in text  # no interactive request ran
+
+
+# ------------------------------------------------------------------------------- what an attack review found
+
+
+async def test_the_batch_keeps_its_own_input_when_the_uploaded_file_is_deleted(store, tmp_path):
+    engine = FakeEngine("tiny", itl_s=0.02)
+    app = create_app(make_config(tmp_path), {"tiny": engine, "embedder": FakeEngine("embedder"),
+                                             "no-batch": FakeEngine("no-batch")}, store=store)
+    client = sdk(app)
+    try:
+        app.state.services.batches._loop = asyncio.get_running_loop().create_future()  # not started yet
+        file = await upload(client, [chat_line(f"d{i}", "x") for i in range(5)])
+        batch = await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await client.files.delete(file.id)
+        app.state.services.batches._loop = None
+        app.state.services.batches.wake()
+        done = await finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 5
+        # the storage losing the batch's own copy fails the batch at once instead of stalling a runner slot
+        await app.state.services.batches.stop()
+        app.state.services.batches._loop = asyncio.get_running_loop().create_future()  # not started yet
+        second = await client.batches.create(input_file_id=(await upload(client, [chat_line("e", "x")])).id,
+                                             endpoint="/v1/chat/completions", completion_window="24h")
+        (tmp_path / "files" / "batches" / second.id / "input.jsonl").unlink()
+        app.state.services.batches._loop = None
+        app.state.services.batches.wake()
+        failed = await finished(client, second.id)
+        assert failed.status == "failed" and failed.errors.data[0].code == "input_file_missing"
+    finally:
+        await app.state.services.batches.stop()
+
+
+async def test_odd_json_types_and_digits_are_400s_not_500s(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                 headers={"authorization": f"Bearer {KEY}"}) as raw:
+        file = (await raw.post("/v1/files", files={"file": ("a.jsonl", jsonl([chat_line("a", "x")])),
+                                                   "purpose": (None, "batch")})).json()
+        for body, param, code in (({"endpoint": ["/v1/chat/completions"]}, "endpoint", "invalid_value"),
+                                  ({"endpoint": {}}, "endpoint", "invalid_value"),
+                                  ({"completion_window": ["24h"]}, "completion_window", "invalid_value"),
+                                  ({"output_expires_after": {"anchor": "created_at", "seconds": 3600, "x": 1}},
+                                   "output_expires_after", None)):
+            create = {"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                      **body}
+            assert_envelope(await raw.post("/v1/batches", json=create), 400, param=param, code=code)
+        for seconds in ("³⁶⁰⁰", "٣٦٠٠", "9" * 5000):
+            form = {"purpose": (None, "batch"), "expires_after[anchor]": (None, "created_at"),
+                    "expires_after[seconds]": (None, seconds), "file": ("a.jsonl", b"{}\n")}
+            assert_envelope(await raw.post("/v1/files", files=form), 400, param="expires_after.seconds")
+        odd = jsonl([{**chat_line("a", "x"), "body": {**chat_line("", "x")["body"], "model": ["tiny"]}}])
+        odd_file = (await raw.post("/v1/files", files={"file": ("o.jsonl", odd), "purpose": (None, "batch")})).json()
+        created = await raw.post("/v1/batches", json={"input_file_id": odd_file["id"],
+                                                      "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        assert created.status_code == 200 and created.json()["model"] is None
+        bom = b"\xef\xbb\xbf" + jsonl([chat_line("a", "x")])
+        bom_file = (await raw.post("/v1/files", files={"file": ("b.jsonl", bom), "purpose": (None, "batch")})).json()
+        created = await raw.post("/v1/batches", json={"input_file_id": bom_file["id"],
+                                                      "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        assert created.json()["status"] == "validating"  # a UTF-8 byte order mark is not a broken first line
+
+
+async def test_a_revoked_key_stops_its_running_batch(store, tmp_path, monkeypatch):
+    from serving.gateway import batch_runner
+    from serving.gateway.auth import create_key, revoke_key
+
+    monkeypatch.setattr(batch_runner, "KEY_CHECK_S", 0.1)
+    engine = FakeEngine("tiny", itl_s=0.05)
+    app = create_app(make_config(tmp_path, max_in_flight=1), {"tiny": engine, "embedder": FakeEngine("embedder"),
+                                                              "no-batch": FakeEngine("no-batch")}, store=store)
+    key, _ = await create_key(store, "temporary")
+    client = sdk(app, key)
+    try:
+        batch = await client.batches.create(input_file_id=(await upload(client, [chat_line(f"r{i}", "x")
+                                                                                 for i in range(40)])).id,
+                                            endpoint="/v1/chat/completions", completion_window="24h")
+        owner = digest(key)
+        while json.loads((await store.record_get(KIND, owner, [batch.id]))[0])["batch"]["request_counts"][
+                "completed"] < 2:
+            await asyncio.sleep(0.05)
+        await revoke_key(store, "temporary")
+        deadline = time.monotonic() + 5
+        while (record := json.loads((await store.record_get(KIND, owner, [batch.id]))[0]))["batch"]["status"] \
+                != "cancelled":
+            assert time.monotonic() < deadline, record["batch"]["status"]
+            await asyncio.sleep(0.05)
+        counts = record["batch"]["request_counts"]
+        assert counts["completed"] < 40 and counts["completed"] + counts["failed"] == 40
+        started = len(engine.started)
+        await asyncio.sleep(0.3)
+        assert len(engine.started) == started  # nothing more runs for the revoked key
+    finally:
+        await app.state.services.batches.stop()
+
+
+async def test_an_engine_that_fails_outright_fails_the_line_not_the_batch(store, tmp_path):
+    class Broken(FakeEngine):
+        def generate(self, *args, **kwargs):  # an adapter bug: raises before it is iterated
+            raise RuntimeError("boom")
+
+    app = create_app(make_config(tmp_path), {"tiny": Broken("tiny"), "embedder": FakeEngine("embedder"),
+                                             "no-batch": FakeEngine("no-batch")}, store=store)
+    client = sdk(app)
+    try:
+        batch = await client.batches.create(input_file_id=(await upload(client, [chat_line(f"b{i}", "x")
+                                                                                 for i in range(3)])).id,
+                                            endpoint="/v1/chat/completions", completion_window="24h")
+        done = await finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.failed == 3 and done.request_counts.completed == 0
+        errors = await lines_of(client, done.error_file_id)
+        assert {row["response"]["status_code"] for row in errors.values()} == {500}
+        assert errors["b0"]["response"]["body"]["error"]["message"] != "boom"  # masked
+    finally:
+        await app.state.services.batches.stop()
+
+
+async def test_listing_pages_by_creation_and_survives_deleting_as_it_goes(app):
+    client = sdk(app)
+    ids = [(await client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch")).id
+           for i in range(7)]
+    assert [f.id for f in (await client.files.list()).data] == ids[::-1]  # newest first, also within a second
+    assert [f.id for f in (await client.files.list(order="asc")).data] == ids
+    deleted = 0
+    async for file in client.files.list(limit=2):  # the usual cleanup loop: its cursor's file is gone
+        await client.files.delete(file.id)
+        deleted += 1
+    assert deleted == 7 and (await client.files.list()).data == []
+
+
+async def test_a_key_may_have_so_many_unfinished_batches(store, tmp_path):
+    app = create_app(make_config(tmp_path, max_active_per_key=2), {"tiny": FakeEngine("tiny"),
+                                                                   "embedder": FakeEngine("embedder"),
+                                                                   "no-batch": FakeEngine("no-batch")}, store=store)
+    app.state.services.batches._loop = asyncio.get_running_loop().create_future()  # nothing runs them
+    client = sdk(app)
+    file = await upload(client, [chat_line("a", "x")])
+    for _ in range(2):
+        await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.body["code"] == "batch_limit_exceeded"
+    # another key is not held back by this one's
+    await sdk(app, OTHER).batches.create(input_file_id=(await upload(sdk(app, OTHER), [chat_line("a", "x")])).id,
+                                         endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_runners_take_batches_in_turn_from_each_key():
+    from serving.gateway.batch_runner import fair_order
+
+    members = ["a/1", "a/2", "a/3", "b/1", "a/4", "c/1", "b/2"]
+    assert fair_order(members) == ["a/1", "b/1", "c/1", "a/2", "b/2", "a/3", "a/4"]
