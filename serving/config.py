@@ -122,13 +122,14 @@ class ModelConfig(_Strict):
         description="How the gateways pick this model's replica for a request. affinity: the replica that "
         "holds the request's prompt prefix in its prefix cache (every turn of a conversation goes to the same "
         "replica, from any gateway) and, for a LoRA adapter, one that has it loaded; passed over when its queue "
-        "is more than routing_max_imbalance requests longer than the shortest. load: Ray Serve's power of two "
+        "is too much longer than the shortest (routing_max_imbalance). load: Ray Serve's power of two "
         "choices on queue lengths alone.",
     )
     routing_max_imbalance: int = Field(
         4, ge=0,
         description="affinity routing: requests by which the preferred replica's queue may exceed the shortest "
-        "queue before its requests go to the next replica in their ranking.",
+        "queue (or a quarter of the shortest queue, when that is more) before its requests go to the next replica "
+        "in their ranking.",
     )
     batches: bool = Field(
         True,

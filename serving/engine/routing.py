@@ -14,8 +14,8 @@ start of the engine's token sequence, computed without a tokenizer.
 `AffinityRouter` (in every gateway's handle to the model, `request_router_config` of its deployment) ranks
 the replicas for a key by rendezvous hashing (highest random weight): the same key ranks the same replicas
 first in every gateway replica, without any shared state, and a replica that comes or goes moves only the
-keys it ranked first. A replica whose queue is more than `max_imbalance` requests longer than the
-shortest one's is passed over for the next in the ranking, so one very hot key spreads over the replicas
+keys it ranked first. A replica whose queue is more than `max_imbalance` requests (or a quarter of the
+shortest queue, when more) longer than the shortest one's is passed over for the next in the ranking, so one very hot key spreads over the replicas
 in a fixed order. A request for a LoRA adapter ranks first the replicas that report it loaded (their
 `record_routing_stats`: serving.engine.server). A request without a key (embeddings, several prompts)
 goes by Ray's power of two choices.
@@ -64,17 +64,17 @@ class AffinityRouter(RequestRouter):
         return [[chosen], [r for r in ranked if r is not chosen]]
 
     def least_imbalanced(self, ranked: list[RunningReplica]) -> RunningReplica:
-        """The first replica of `ranked` whose known queue is within max_imbalance of the shortest known
-        queue (a replica whose queue is not known counts as within)."""
+        """The first replica of `ranked` whose queue is within the allowed imbalance of the shortest queue:
+        max_imbalance requests, or a quarter of the shortest queue when that is more (under heavy load the
+        queues' ordinary spread would otherwise move conversations away from their cache). Queues
+        come from the router's cache (Ray Serve keeps it from the replicas' answers and this router's own
+        sends); a replica without a recent entry counts as idle (0): nothing was sent to it lately."""
         cache = self.replica_queue_len_cache
-        lengths = {r.replica_id: cache.get(r.replica_id) for r in ranked}
-        known = [n for n in lengths.values() if n is not None]
-        if not known:
-            return ranked[0]
-        shortest = min(known)
-        for replica in ranked:
-            length = lengths[replica.replica_id]
-            if length is None or length - shortest <= self.max_imbalance:
+        lengths = [cache.get(r.replica_id) or 0 for r in ranked]
+        shortest = min(lengths)
+        allowed = max(self.max_imbalance, shortest // 4)
+        for replica, length in zip(ranked, lengths, strict=True):
+            if length - shortest <= allowed:
                 return replica
         return ranked[0]
 

@@ -139,6 +139,13 @@ async def test_a_hot_key_spills_to_the_next_replica_in_its_ranking_when_its_queu
     assert (await choose(r, fleet, affinity="hot"))[0] == [ranking[1]]  # the next in the same order everywhere
     lengths.lengths[ranking[1].replica_id.unique_id] = 9
     assert (await choose(r, fleet, affinity="hot"))[0] == [ranking[2]]
+    # under heavy load a quarter of the shortest queue is allowed: 60 - 48 <= 12
+    lengths.lengths = {ranking[0].replica_id.unique_id: 60, ranking[1].replica_id.unique_id: 50,
+                       ranking[2].replica_id.unique_id: 48}
+    assert (await choose(r, fleet, affinity="hot"))[0] == [ranking[0]]
+    # a replica nothing was sent to lately counts as idle
+    lengths.lengths = {ranking[0].replica_id.unique_id: 5}
+    assert (await choose(r, fleet, affinity="hot"))[0] == [ranking[1]]
 
 
 async def test_an_adapter_goes_to_a_replica_that_has_it_loaded():
