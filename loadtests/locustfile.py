@@ -8,6 +8,10 @@ Users (pick them as locust positional arguments; `python -m loadtests.run` does 
     CompletionUser   streamed text completion EmbeddingUser    embeddings
     CacheMixUser     a few repeated prompts at temperature 0, streamed and not (x-cache hit/miss)
     MultiModelUser   streamed chat, a random model of --models per request
+    MultiTurnChatUser  conversations as chat clients hold them: a system prompt of its own (--input-tokens
+                     words), --turns turns, every turn resending the whole history with the earlier answers
+                     (what prefix-cache affinity is measured on: docs/benchmarks.md); rows "<model> [turn 1]"
+                     and "<model> [turn 2+]"
 
 Rows in locust's stats (Type / Name), besides each request's own row (`chat-stream` / model ...):
     TTFT / model        time to first token, ms (first chunk carrying text; the cache mix's rows are
@@ -74,6 +78,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedding-batch", type=int, default=1, help="inputs per embeddings request")
     group.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     group.add_argument("--llm-samples", default="", help="write every request and token gap under this CSV prefix")
+    group.add_argument("--turns", type=int, default=6, help="turns of each conversation of MultiTurnChatUser")
 
 
 class Samples:
@@ -313,3 +318,52 @@ class MultiModelUser(LLMUser):
     @task
     def any_model(self) -> None:
         self.generate("multi-stream", random.choice(self.models), chat=True, stream=True)
+
+
+class MultiTurnChatUser(LLMUser):
+    """Conversations one after another, each with a system prompt of its own and --turns turns; every turn
+    sends the whole history (the answers the model gave included), as chat clients do. A server that keeps
+    each conversation on the replica holding its prefix answers the later turns faster: their TTFT rows
+    ("<model> [turn 2+]") against "<model> [turn 1]" show it."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.conversation = 0
+        self.history: list[dict[str, Any]] = []
+        self.turn = 0
+
+    def _new_conversation(self) -> None:
+        self.conversation += 1
+        system = self.prompts.next()
+        user = self.prompts.next()
+        self.history = [{"role": "system", "content": _text_of(system)},
+                        {"role": "user", "content": _text_of(user)[:400]}]
+        self.turn = 0
+
+    @task
+    def turn_of_a_conversation(self) -> None:
+        if not self.history or self.turn >= self.opts.turns:
+            self._new_conversation()
+        opts = self.opts
+        body = {"model": self.model, "messages": self.history, "max_tokens": opts.output_tokens, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if opts.ignore_eos == "true":
+            body["ignore_eos"] = True
+        if opts.temperature is not None:
+            body["temperature"] = opts.temperature
+        self.metric_suffix = " [turn 1]" if self.turn == 0 else " [turn 2+]"
+        result = self.send("multi-turn", self.model, "/chat/completions", body, stream=True)
+        self.turn += 1
+        if not result.ok:
+            self.history = []  # a failed turn ends the conversation
+            return
+        self.history = self.history + [{"role": "assistant", "content": result.text or "..."},
+                                       {"role": "user", "content": f"And then? ({self.turn})"}]
+
+
+def _text_of(item: dict[str, Any]) -> str:
+    """The text of a prompt source item (a chat message list or a prompt)."""
+    if "messages" in item:
+        return " ".join(str(m.get("content", "")) for m in item["messages"])
+    return str(item.get("prompt", ""))
+

@@ -15,10 +15,10 @@ start of the engine's token sequence, computed without a tokenizer.
 the replicas for a key by rendezvous hashing (highest random weight): the same key ranks the same replicas
 first in every gateway replica, without any shared state, and a replica that comes or goes moves only the
 keys it ranked first. A replica whose queue is more than `max_imbalance` requests (or a quarter of the
-shortest queue, when more) longer than the shortest one's is passed over for the next in the ranking, so one very hot key spreads over the replicas
-in a fixed order. A request for a LoRA adapter ranks first the replicas that report it loaded (their
-`record_routing_stats`: serving.engine.server). A request without a key (embeddings, several prompts)
-goes by Ray's power of two choices.
+shortest queue, when more) longer than the shortest one's is passed over for the next in the ranking, so
+one very hot key spreads over the replicas in a fixed order. A request for a LoRA adapter ranks first
+the replicas that report it loaded (their `record_routing_stats`: serving.engine.server). A request
+without a key (embeddings, several prompts) goes by Ray's power of two choices.
 """
 
 from __future__ import annotations

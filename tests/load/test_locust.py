@@ -141,3 +141,19 @@ def test_two_runs_side_by_side(fake_gateway, tmp_path):
     assert run_module(["loadtests.versus", f"only={tmp_path / 'fake-a'}", "--out", str(out)]).returncode == 2
     empty = run_module(["loadtests.versus", f"a={tmp_path / 'fake-a'}", f"b={tmp_path}", "--out", str(out)])
     assert empty.returncode == 2 and "no samples" in empty.stderr
+
+
+def test_multi_turn_conversations_resend_their_history(fake_gateway, tmp_path):
+    """The multi-turn profile's user (loadtests/profiles/multi-turn.toml) for a few seconds: every turn after
+    the first carries the earlier turns, answers included, and its rows stand apart from first turns."""
+    profile = write_profile(tmp_path / "turns.toml", 2, "4s", ["MultiTurnChatUser"], models="fake-a",
+                            output_tokens=4, input_tokens=20, turns=3)
+    done = run_module(["loadtests.run", "--profile", str(profile), "--base-url", fake_gateway, "--out",
+                       str(tmp_path / "out"), "--api-key", TEST_KEY])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = stats(tmp_path / "out")
+    first, later = rows[("TTFT", "fake-a [turn 1]")], rows[("TTFT", "fake-a [turn 2+]")]
+    assert int(first["Request Count"]) > 0 and int(later["Request Count"]) >= int(first["Request Count"])
+    with (tmp_path / "out" / "locust_llm_requests.csv").open() as f:
+        prompts = [int(r["prompt_tokens"]) for r in csv.DictReader(f) if r["kind"] == "multi-turn" and r["ok"] == "1"]
+    assert max(prompts) > min(prompts)  # later turns carry the history: longer prompts
