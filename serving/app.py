@@ -35,7 +35,7 @@ MODEL_IMPORT_PATH = "serving.app:model_builder"
 # whether it may scale to zero. Everything else (engine and server arguments, replicas, resources,
 # env) is the model's own business: changing it must not roll the gateways. The chart picks the same.
 GATEWAY_MODEL_FIELDS = ("name", "source", "kind", "revision", "lora_adapters", "cache", "autoscaling", "batches",
-                        "routing")
+                        "routing", "runtime_adapters")
 GATEWAY_SECTIONS = ("gateway", "redis", "cache", "responses", "files", "batches", "auth", "limits")
 
 

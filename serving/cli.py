@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path)
     config_sub.add_parser("reference", help="print the configuration reference (Markdown)")
 
+    from serving.adapters_cli import add_adapters_parser, run_adapters
     from serving.batches_cli import add_batches_parser, run_batches
     from serving.compare import add_compare_parser, run_compare
     from serving.k8s import add_status_parser, run_status
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_keys_parser(sub)
     add_batches_parser(sub)
+    add_adapters_parser(sub)
     add_status_parser(sub)
     add_compare_parser(sub)
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_keys(args)
         if args.command == "batches":
             return run_batches(args)
+        if args.command == "adapters":
+            return run_adapters(args)
         if args.command == "status":
             return run_status(args)
         if args.command == "compare":

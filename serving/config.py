@@ -29,7 +29,7 @@ _RESERVED_ENGINE_ARGS = {
     "served_model_name": "name",
     "tokenizer_revision": "revision",
     "revision": "revision",
-    "enable_lora": "lora_adapters",
+    "enable_lora": "lora_adapters or runtime_adapters",
     "lora_modules": "lora_adapters",
     "scheduling_policy": "batches",
 }
@@ -117,6 +117,12 @@ class ModelConfig(_Strict):
     cache: Literal["off", "reproducible", "all"] | None = Field(
         None, description="Response cache for this model; default: cache.mode."
     )
+    runtime_adapters: bool = Field(
+        False,
+        description="Takes LoRA adapters loaded at runtime (POST /v1/load_lora_adapter, `serving adapters add`) "
+        "with this model as their base: its engine runs with LoRA enabled (size them with engine_args max_loras, "
+        "max_cpu_loras, max_lora_rank). A model with lora_adapters takes them too.",
+    )
     routing: Literal["affinity", "load"] = Field(
         "affinity",
         description="How the gateways pick this model's replica for a request. affinity: the replica that "
@@ -147,8 +153,8 @@ class ModelConfig(_Strict):
         for adapter in self.lora_adapters:
             if not re.match(NAME_PATTERN, adapter):
                 raise ValueError(f"lora_adapters: {adapter!r} is not a valid model name")
-        if self.lora_adapters and self.kind != "generate":
-            raise ValueError("lora_adapters need kind: generate")
+        if (self.lora_adapters or self.runtime_adapters) and self.kind != "generate":
+            raise ValueError("lora_adapters and runtime_adapters need kind: generate")
         return self
 
     @property
@@ -408,6 +414,10 @@ class APIKeySpec(_Strict):
     max_n: int | None = Field(None, ge=1, description="Largest `n` (choices per request); unset: limits.max_n.")
     max_tokens: int | None = Field(
         None, ge=1, description="Largest `max_tokens`/`max_completion_tokens`; unset: limits.max_tokens."
+    )
+    admin: bool = Field(
+        False, description="May load and unload LoRA adapters at runtime (/v1/load_lora_adapter); other keys "
+        "get 403."
     )
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ def add_keys_parser(subparsers) -> None:
     create.add_argument("name")
     _limit_flags(create, "unset: ")
     create.add_argument("--expires-days", type=float, help="expire after this many days")
+    create.add_argument("--admin", action="store_true", help="may load and unload LoRA adapters at runtime")
     update = sub.add_parser("update", help="change a key's models, limits or caps (`none` clears one)")
     update.add_argument("name")
     _limit_flags(update, "none: ", clearable=True)
@@ -77,7 +78,7 @@ async def _run(args: argparse.Namespace, config: ServingConfig, store: Store) ->
     try:
         if args.keys_command == "create":
             key, record = await create_key(store, args.name, models=_models(args.models, config),
-                                           expires_in_days=args.expires_days,
+                                           expires_in_days=args.expires_days, admin=args.admin,
                                            **{f: getattr(args, f) for f in LIMIT_FIELDS})
             print(f"created key {record['name']!r}: {key}\n(shown once: store it now; only its hash is kept)")
         elif args.keys_command == "update":

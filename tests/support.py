@@ -262,8 +262,10 @@ class Recording(FakeEngine):
         super().__init__(name, **kwargs)
         self.bodies: list[dict[str, Any]] = []
 
-    async def generate(self, route, body, request_id, timeout_s=None, *, affinity=None, adapter=None):
+    async def generate(self, route, body, request_id, timeout_s=None, *, affinity=None, adapter=None,
+                       adapter_source=None):
         self.bodies.append({"route": route, "_request_id": request_id, "_affinity": affinity, "_adapter": adapter,
                             **json.loads(body)})
-        async for item in super().generate(route, body, request_id, timeout_s):
+        async for item in super().generate(route, body, request_id, timeout_s, adapter=adapter,
+                                           adapter_source=adapter_source):
             yield item

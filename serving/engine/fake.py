@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import struct
 import time
 from typing import Any, AsyncIterator
@@ -46,6 +47,18 @@ class FakeEngine:
         self.started: list[str] = []  # request ids seen
         self.aborted: list[str] = []  # request ids whose stream was closed before the end
         self.in_flight = 0
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded at runtime: name -> source
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """As vLLM's loader does for the fake: a local directory must exist (an fsspec URL of another scheme is
+        taken as it is)."""
+        path = source.removeprefix("file://")
+        if "://" not in path and not os.path.isdir(path):
+            raise ValueError(f"No adapter found at {source}")
+        self.adapters[name] = source
+
+    async def loaded_adapters(self) -> set[str]:
+        return set(self.adapters)
 
     async def ready(self) -> bool:
         return True
@@ -56,7 +69,14 @@ class FakeEngine:
                 "generation_tokens": 0}
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
-                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+                       affinity: str | None = None, adapter: str | None = None,
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
+        if adapter is not None and adapter_source is not None and adapter not in self.adapters:
+            try:
+                await self.load_adapter(adapter, adapter_source)
+            except ValueError as exc:
+                yield _error(400, f"The LoRA adapter {adapter!r} cannot be loaded: {exc}", "model")
+                return
         self.started.append(request_id)
         self.in_flight += 1
         done = False

@@ -76,11 +76,18 @@ class Engine(Protocol):
     """
 
     def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
-                 affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+                 affinity: str | None = None, adapter: str | None = None,
+                 adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
         """`timeout_s`: the request's remaining time; the engine ends its own work then. `affinity`: the
         routing key of the request's prompt (serving.gateway.affinity), `adapter`: the LoRA adapter it
         asks for; an engine of several replicas routes on them (serving.engine.routing), one replica
-        ignores them."""
+        ignores them. `adapter_source`: where the weights of an adapter loaded at runtime are; an engine
+        that does not hold it yet loads it first (`load_adapter`)."""
+        ...
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Load the LoRA adapter `name` from `source` (a local directory, or an fsspec URL such as
+        s3://bucket/path) so requests for `name` use it. Raises ValueError with the reason it cannot."""
         ...
 
     async def ready(self) -> bool:

@@ -134,14 +134,23 @@ class RemoteEngine:
         """scales_to_zero: the model's autoscaling may leave it no replica; a request then waits in Ray
         Serve's router, which is what makes the autoscaler start one, instead of being refused."""
         self.readiness = Readiness(handle, deployment, replicas, scales_to_zero)
+        self._handle = handle
         self._generate = handle.options(stream=True).generate
         self._channel = channel
 
     async def ready(self) -> bool:
         return await self.readiness.ready()
 
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Load it on the replica its requests will prefer (routed by the adapter's name, as they are); the
+        other replicas load it on their first request for it. Raises ValueError (the engine's reason)."""
+        if not await self.readiness.ready():
+            raise EngineUnavailable("no ready replica")
+        await self._handle.load_adapter.remote(name, source, **{ADAPTER_KWARG: name})
+
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
-                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+                       affinity: str | None = None, adapter: str | None = None,
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
         """`request_id` must be unique among this gateway's requests in flight: the direct stream hands
         each answer to the request registered under its id, and the replica's engine (vLLM) takes it as
         its request id. The gateway passes its internal id (serving.gateway.middleware), never a
@@ -154,7 +163,8 @@ class RemoteEngine:
         channel = self._channel
         queue = channel.register(request_id) if channel is not None else None
         args = (route, body, request_id, timeout_s) + ((channel.identity,) if channel is not None else ())
-        hints = {k: v for k, v in ((AFFINITY_KWARG, affinity), (ADAPTER_KWARG, adapter)) if v}
+        hints = {k: v for k, v in ((AFFINITY_KWARG, affinity), (ADAPTER_KWARG, adapter),
+                                   ("adapter_source", adapter_source)) if v}
         stream = self._generate.remote(*args, **hints)
         items = aiter(stream)
         finished = False

@@ -39,7 +39,8 @@ class ModelServer:
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None,
                        gateway: tuple[str, str] | None = None, *, affinity: str | None = None,
-                       adapter: str | None = None) -> AsyncIterator[Reply | str | Accepted]:
+                       adapter: str | None = None, adapter_source: str | None = None,
+                       ) -> AsyncIterator[Reply | str | Accepted]:
         """One request's answer, after an `Accepted` sent at once: Ray delivers a caller's cancellation
         only to a call that has yielded something, so without it a non-streamed request whose client
         left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway
@@ -47,7 +48,8 @@ class ModelServer:
         secret reaches the replica only here, inside Ray's call; the connection proves it without
         sending it (serving.engine.channel). `affinity` and `adapter` were for the router (serving.engine
         .routing) that chose this replica."""
-        items = self.engine.generate(route, body, request_id, timeout_s)
+        items = self.engine.generate(route, body, request_id, timeout_s, adapter=adapter,
+                                     adapter_source=adapter_source)
         # the engine starts on the request now (vLLM parses it, applies the chat template, tokenizes),
         # while Accepted travels to the gateway; engines never yield None
         first = asyncio.ensure_future(anext(items, None))
@@ -84,6 +86,10 @@ class ModelServer:
 
     async def ready(self) -> bool:
         return await self.engine.ready()
+
+    async def load_adapter(self, name: str, source: str, *, adapter: str | None = None) -> None:
+        """Load a LoRA adapter into this replica's engine (`adapter`: for the router). Raises ValueError."""
+        await self.engine.load_adapter(name, source)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """What the gateways' routers know of this replica (Ray Serve asks every

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from typing import Any, AsyncIterator
 
 from serving.config import ModelConfig
@@ -32,6 +34,7 @@ class VLLMEngine:
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._totals = {"finished": 0, "aborted": 0, "generation_tokens": 0}
+        self._adapter_lock = asyncio.Lock()
 
     async def _engine_client(self, args) -> Any:
         """AsyncLLM as `vllm serve` builds it, plus our stat loggers (vLLM's own helper takes none)."""
@@ -95,6 +98,23 @@ class VLLMEngine:
         known = self._app.state.openai_serving_models.lora_requests
         return {name for name, request in known.items() if request.lora_int_id in ids}
 
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Load a LoRA adapter with vLLM's own loader (what `vllm serve`'s /v1/load_lora_adapter does); one at
+        a time, and once: a second request for it finds it loaded. A remote `source` (s3://, gs://, ...) is
+        copied to a local directory first (fsspec with the scheme's library: s3fs, gcsfs)."""
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        if self._app is None:
+            raise ValueError(f"the model {self.model.name!r} is not loaded yet")
+        models = self._app.state.openai_serving_models
+        async with self._adapter_lock:
+            if name in models.lora_requests:
+                return
+            path = await asyncio.to_thread(local_copy, source)
+            result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+        if not isinstance(result, str):  # vLLM's ErrorResponse
+            raise ValueError(getattr(getattr(result, "error", None), "message", None) or str(result))
+
     async def check_health(self) -> None:
         """Raises when the engine core is dead (Ray Serve then replaces the replica)."""
         if self._client is None:
@@ -102,10 +122,17 @@ class VLLMEngine:
         await self._client.check_health()
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
-                       affinity: str | None = None, adapter: str | None = None) -> AsyncIterator[Reply | str]:
+                       affinity: str | None = None, adapter: str | None = None,
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
         if self._app is None:
             yield _not_ready(self.model.name)
             return
+        if adapter is not None and adapter_source is not None:
+            try:
+                await self.load_adapter(adapter, adapter_source)
+            except ValueError as exc:
+                yield _adapter_failed(adapter, str(exc))
+                return
         messages: asyncio.Queue = asyncio.Queue()
         disconnected = asyncio.Event()
         scope = _scope(PATHS[route], request_id)
@@ -171,6 +198,32 @@ def _totals_logger(totals: dict[str, int]):
             pass
 
     return Totals
+
+
+ADAPTER_CACHE = "/tmp/serving-adapters"  # where remote adapters are copied to, one directory per source
+
+
+def local_copy(source: str) -> str:
+    """A local directory holding the adapter at `source`: itself when local (a path or file://), else a copy
+    under ADAPTER_CACHE, made once per source."""
+    import hashlib
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return path
+    target = f"{ADAPTER_CACHE}/{hashlib.sha256(source.encode()).hexdigest()[:24]}"
+    if not os.path.isdir(target):
+        fs.get(path.rstrip("/") + "/", target + ".partial/", recursive=True)
+        os.replace(target + ".partial", target)
+    return target
+
+
+def _adapter_failed(name: str, message: str) -> Reply:
+    body = {"error": {"message": f"The LoRA adapter {name!r} cannot be loaded: {message}",
+                      "type": "BadRequestError", "param": "model", "code": 400}}
+    return Reply(400, json.dumps(body).encode())
 
 
 def _timed_out() -> Reply:

@@ -95,8 +95,10 @@ def _base_argv(model: ModelConfig) -> list[str]:
     argv = ["--model", model.source, "--served-model-name", model.name]
     if model.revision:
         argv += ["--revision", model.revision]
+    if model.lora_adapters or model.runtime_adapters:
+        argv += ["--enable-lora"]
     if model.lora_adapters:
-        argv += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in model.lora_adapters.items())]
+        argv += ["--lora-modules", *(f"{k}={v}" for k, v in model.lora_adapters.items())]
     if model.kind == "embed":
         argv += ["--runner", "pooling"]
     if model.batches:  # batch lines run at a lower priority than interactive requests (serving.gateway.batches)

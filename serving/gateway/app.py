@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from serving.config import ServingConfig
 from serving.engine.protocol import Engine
 from serving.gateway import schemas as request_schemas
+from serving.gateway.adapters import router as adapters_router
 from serving.gateway.auth import Authenticator, Principal, api_key, client_address
 from serving.gateway.batch_runner import BatchRunner
 from serving.gateway.batches import router as batches_router
@@ -99,13 +100,15 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
     @app.get("/v1/models", summary="Models and LoRA adapters served (those the API key may use).")
     async def list_models(request: Request, svc: Svc) -> dict[str, Any]:
         principal = await svc.auth.authenticate(api_key(request), client_address(request))
-        return {"object": "list", "data": [c for c in svc.registry.cards() if principal.may_use(c["id"])]}
+        await svc.registry.fresh(svc.store)  # adapters loaded at runtime, from any gateway
+        return {"object": "list", "data": [c for c in svc.registry.cards() if _visible(principal, c, svc.registry)]}
 
     @app.get("/v1/models/{model:path}", summary="One served model.")
     async def get_model(model: str, request: Request, svc: Svc) -> dict[str, Any]:
         principal = await svc.auth.authenticate(api_key(request), client_address(request))
+        await svc.registry.fresh(svc.store)
         for card in svc.registry.cards():
-            if card["id"] == model and principal.may_use(model):
+            if card["id"] == model and _visible(principal, card, svc.registry):
                 return card
         raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
@@ -113,9 +116,15 @@ def create_app(config: ServingConfig, engines: Mapping[str, Engine], *, store: S
     app.include_router(engine_router)
     app.include_router(responses_router)
     app.include_router(files_router)
+    app.include_router(adapters_router)
     app.include_router(batches_router)
     _install_openapi(app)
     return app
+
+
+def _visible(principal: Principal, card: dict[str, Any], registry: Registry) -> bool:
+    """A model card the key may see: a model it may use, or an adapter loaded at runtime on such a model."""
+    return principal.may_use(card["id"]) or (card["id"] in registry.runtime and principal.may_use(card["parent"]))
 
 
 async def _viewer(request: Request, svc: Services) -> Principal | None:

@@ -59,6 +59,7 @@ class Principal:
     max_concurrent: int | None = None  # the key's own caps; None: the platform's (limits.*)
     max_n: int | None = None
     max_tokens: int | None = None
+    admin: bool = False  # may change what the platform serves (LoRA adapters at runtime)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -68,13 +69,13 @@ class Principal:
         return bool(self.rpm or self.tpm)
 
 
-ANONYMOUS = Principal(name="anonymous", subject="anonymous")
+ANONYMOUS = Principal(name="anonymous", subject="anonymous", admin=True)  # auth off: everything is open
 
 
 def _principal(digest_: str, record: dict[str, Any]) -> Principal:
     models = record.get("models")
     return Principal(name=record["name"], subject=digest_, models=frozenset(models) if models is not None else None,
-                     **{name: record.get(name) for name in LIMIT_FIELDS})
+                     admin=bool(record.get("admin")), **{name: record.get(name) for name in LIMIT_FIELDS})
 
 
 def client_address(connection: HTTPConnection) -> str:
@@ -127,7 +128,7 @@ class Authenticator:
         self._store = store
         self._clock = clock
         self._static = {
-            digest(k.key.get_secret_value()): {"name": k.name, "models": k.models,
+            digest(k.key.get_secret_value()): {"name": k.name, "models": k.models, "admin": k.admin,
                                                **{name: getattr(k, name) for name in LIMIT_FIELDS}}
             for k in config.keys
         }
@@ -226,10 +227,10 @@ class Authenticator:
 
 
 async def create_key(store: Store, name: str, *, models: list[str] | None = None, rpm: int | None = None,
-                     tpm: int | None = None, expires_in_days: float | None = None,
+                     tpm: int | None = None, expires_in_days: float | None = None, admin: bool = False,
                      **caps: int | None) -> tuple[str, dict[str, Any]]:
     """A new key; the clear key is returned once and never stored. `caps`: max_concurrent, max_n,
-    max_tokens (None: the platform's limits.*)."""
+    max_tokens (None: the platform's limits.*). `admin`: may load and unload LoRA adapters."""
     unknown = set(caps) - set(LIMIT_FIELDS)
     if unknown:
         raise TypeError(f"unknown key fields: {', '.join(sorted(unknown))}")
@@ -237,7 +238,7 @@ async def create_key(store: Store, name: str, *, models: list[str] | None = None
         raise ValueError(f"a key named {name!r} exists already")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     now = time.time()
-    record = {"name": name, "models": models, "rpm": rpm, "tpm": tpm, **caps, "created_at": now,
+    record = {"name": name, "models": models, "rpm": rpm, "tpm": tpm, **caps, "admin": admin, "created_at": now,
               "expires_at": now + expires_in_days * 86400 if expires_in_days else None,
               "hint": f"{key[:len(KEY_PREFIX) + 2]}...{key[-4:]}"}
     await store.key_put(digest(key), record)

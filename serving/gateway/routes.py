@@ -28,7 +28,7 @@ from serving.gateway.metrics import Watch
 from serving.gateway.relay import EventStream, answer
 from serving.gateway.responses import prepare as prepare_turn
 from serving.gateway.schemas import UNSUPPORTED, accepted_fields, drop_reference_only, known_fields, unsupported_field
-from serving.gateway.services import Services, model_not_found
+from serving.gateway.services import Registry, Services, model_not_found
 from serving.gateway.specs import SPECS
 from serving.gateway.store import StoreUnavailable
 
@@ -69,7 +69,7 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
     principal = await svc.auth.authenticate(api_key(request), client_address(request))
     body = await read_body(request, svc.config.gateway.max_body_bytes, svc.config.gateway.body_timeout_s)
     payload = parse_object(body)
-    name, model, engine = lookup_model(payload, principal, svc)
+    name, model, engine = await lookup_model(payload, principal, svc)
     watch.begin(name)
     check_request(route, name, model, payload, svc.config.gateway)
     turn = await prepare_turn(payload, principal, svc, request.state.request_id) if route == "responses" else None
@@ -122,7 +122,7 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
     deadline = asyncio.get_running_loop().time() + timeout_s
     # the internal id (serving.gateway.middleware), never the client's x-request-id
     work = answer(engine.generate(route, body, request.state.request_id, timeout_s, **routing(route, name, model,
-                                                                                              payload)),
+                                                                                              payload, svc.registry)),
                   deadline, tap, dialect=spec.dialect)
     # a stream notices a client that hangs up on its own (the next send fails or Starlette's listener
     # fires); a non-streamed request would wait for the whole answer, so it listens for the hang-up
@@ -144,7 +144,7 @@ async def serve_line(route: Route, payload: dict[str, Any], principal: Principal
     client's: serving.gateway.middleware)."""
     spec = SPECS[route]
     try:
-        name, model, engine = lookup_model(payload, principal, svc)
+        name, model, engine = await lookup_model(payload, principal, svc)
         check_request(route, name, model, payload, svc.config.gateway)
         if not model.batches:
             raise APIError(400, f"The model `{name}` does not take batch requests (its batches setting is off).",
@@ -164,7 +164,7 @@ async def serve_line(route: Route, payload: dict[str, Any], principal: Principal
         timeout_s = svc.config.gateway.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         response = await answer(engine.generate(route, body, request_id, timeout_s,
-                                                **routing(route, name, model, payload)),
+                                                **routing(route, name, model, payload, svc.registry)),
                                 deadline, tap, dialect=spec.dialect)
         if tap.saving is not None:
             await asyncio.shield(tap.saving)
@@ -174,17 +174,21 @@ async def serve_line(route: Route, payload: dict[str, Any], principal: Principal
         return exc.status, json.dumps(error).encode()
 
 
-def lookup_model(payload: dict[str, Any], principal: Principal, svc: Services) -> tuple[str, ModelConfig, Engine]:
-    """The request's model name, configuration and engine; the fields only the gateway sets are taken out
-    of `payload`. Raises APIError 400 (no `model` string), 404 model_not_found (unknown, or not this key's)."""
+async def lookup_model(payload: dict[str, Any], principal: Principal,
+                       svc: Services) -> tuple[str, ModelConfig, Engine]:
+    """The request's model name, configuration and engine (a runtime LoRA adapter's: its base model's); the
+    fields only the gateway sets are taken out of `payload`. Raises APIError 400 (no `model` string), 404
+    model_not_found (unknown, or not this key's: a runtime adapter is the key's when its base model is)."""
     for field in ENGINE_OWNED:  # the gateway's to set, never the client's
         payload.pop(field, None)
     name = payload.get("model")
     if not isinstance(name, str) or not name:
         raise APIError(400, "You must provide a model parameter (a string).", param="model")
-    if not principal.may_use(name):
-        raise model_not_found(name)
+    if svc.config.model(name) is None:
+        await svc.registry.fresh(svc.store)  # perhaps an adapter loaded at runtime
     model, engine = svc.registry.lookup(name)
+    if not principal.may_use(name) and not (svc.registry.adapter_source(name) and principal.may_use(model.name)):
+        raise model_not_found(name)
     return name, model, engine
 
 
@@ -199,13 +203,16 @@ def check_request(route: Route, name: str, model: ModelConfig, payload: dict[str
     drop_reference_only(route, payload)  # accepted, but vLLM does not know them (serving.gateway.schemas)
 
 
-def routing(route: Route, name: str, model: ModelConfig, payload: dict[str, Any]) -> dict[str, str | None]:
+def routing(route: Route, name: str, model: ModelConfig, payload: dict[str, Any],
+            registry: Registry) -> dict[str, str | None]:
     """What the model's router routes a request on (serving.engine.routing): the key of its prompt's
-    prefix (with the key's prefix-cache salt, which the payload carries by now) and its LoRA adapter."""
+    prefix (with the key's prefix-cache salt, which the payload carries by now) and its LoRA adapter; for an
+    adapter loaded at runtime, where its weights are (the replica loads it on first use)."""
+    source = {"adapter_source": registry.adapter_source(name)} if name not in model.served_names else {}
     if model.routing != "affinity":
-        return {}
+        return {"adapter": name, **source} if source else {}
     return {"affinity": affinity_key(route, payload, payload.get("cache_salt")),
-            "adapter": name if name != model.name else None}
+            "adapter": name if name != model.name else None, **source}
 
 
 def salt(route: Route, payload: dict[str, Any], principal: Principal, svc: Services) -> None:

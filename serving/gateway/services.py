@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from serving.gateway.cache import ResponseCache
 from serving.gateway.errors import APIError
 from serving.gateway.limits import Limiter
 from serving.gateway.metrics import GatewayMetrics
-from serving.gateway.store import Resilient
+from serving.gateway.store import Resilient, StoreUnavailable
 
 if TYPE_CHECKING:  # both modules work with Services themselves
     from serving.gateway.batch_runner import BatchRunner
@@ -33,8 +34,15 @@ def model_not_found(name: str) -> APIError:
                     code="model_not_found")
 
 
+# The store's record kind and index of LoRA adapters loaded at runtime (serving.gateway.adapters): one
+# platform-wide registry, not a key's (owner PLATFORM).
+ADAPTERS, PLATFORM = "adapters", "_platform"
+ADAPTERS_TTL_S = 2.0  # a gateway's view of the runtime adapters is at most this old when a request needs it
+
+
 class Registry:
-    """Which engine and model configuration answers each served model name (models and adapters)."""
+    """Which engine and model configuration answers each served model name: the configured models and
+    their adapters, and the LoRA adapters loaded at runtime (kept in the store, `refresh`)."""
 
     def __init__(self, config: ServingConfig, engines: Mapping[str, Engine]):
         missing = [m.name for m in config.models if m.name not in engines]
@@ -43,12 +51,40 @@ class Registry:
         self.config = config
         self.engines = dict(engines)
         self.created = int(time.time())
+        self.runtime: dict[str, dict[str, Any]] = {}  # adapter name -> {"name", "model", "path", "created_at"}
+        self._fetched = 0.0
+        self._refreshing: asyncio.Future | None = None
 
     def lookup(self, name: str) -> tuple[ModelConfig, Engine]:
         model = self.config.model(name)
+        if model is None and name in self.runtime:
+            model = self.config.model(self.runtime[name]["model"])
         if model is None:
             raise model_not_found(name)
         return model, self.engines[model.name]
+
+    def adapter_source(self, name: str) -> str | None:
+        """Where a runtime adapter's weights are (None: not one)."""
+        found = self.runtime.get(name)
+        return found["path"] if found else None
+
+    async def fresh(self, store: Resilient) -> None:
+        """Refresh the runtime adapters when the view is older than ADAPTERS_TTL_S (concurrent callers share
+        one read; a store that cannot answer leaves the view as it was)."""
+        if time.monotonic() - self._fetched < ADAPTERS_TTL_S:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh(store))
+        await asyncio.shield(self._refreshing)
+
+    async def refresh(self, store: Resilient) -> None:
+        try:
+            names = await store.call("index_range", ADAPTERS, newest_first=False)
+            raw = await store.call("record_get", ADAPTERS, PLATFORM, names)
+        except StoreUnavailable:
+            return
+        self.runtime = {n: json.loads(r) for n, r in zip(names, raw, strict=True) if r}
+        self._fetched = time.monotonic()
 
     def cards(self) -> list[dict[str, Any]]:
         cards = []
@@ -62,6 +98,11 @@ class Registry:
                     # the POST routes that serve this model (a route of another kind answers 400 wrong_route)
                     "routes": [PATHS[route] for route, kinds in ROUTE_KINDS.items() if model.kind in kinds],
                 })
+        # adapters loaded at runtime, as the configured ones are shown (their weights' path is not told)
+        cards += [{"id": name, "object": "model", "created": int(found["created_at"]), "owned_by": "serving",
+                   "root": name, "parent": found["model"], "kind": "generate",
+                   "routes": [PATHS[route] for route, kinds in ROUTE_KINDS.items() if "generate" in kinds]}
+                  for name, found in self.runtime.items() if self.config.model(found["model"]) is not None]
         return cards
 
 

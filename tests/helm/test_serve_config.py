@@ -131,7 +131,7 @@ def test_the_gateways_get_exactly_the_gateway_fields_of_a_model():
         "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4},
         "resources": {"gpus": 1, "cpus": 2, "memory_gib": 16}, "max_ongoing_requests": 8,
         "max_queued_requests": 16, "env": {"A": "1"}, "cache": "off", "batches": False, "routing": "load",
-        "routing_max_imbalance": 3,
+        "routing_max_imbalance": 3, "runtime_adapters": False,
     }
     assert set(every_field) == set(ModelConfig.model_fields)
     rayservice = rayservice_of({"models": [every_field]})

@@ -334,8 +334,9 @@ async def test_serving_keys_cli(gateway, redis_url, redis_client, monkeypatch, c
     assert code == 0
     today = time.strftime("%Y-%m-%d", time.gmtime())
     rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["day", "model", "requests", "cached", "prompt", "tokens", "completion", "tokens"]
-    assert rows[1:] == [[today, "tiny", "3", "1", str(3 * PROMPT_TOKENS), str(3 * 6)]]
+    assert rows[0] == ["day", "model", "requests", "cached", "prompt", "tokens", "completion", "tokens", "batch",
+                       "requests", "batch", "prompt", "tokens", "batch", "completion", "tokens"]
+    assert rows[1:] == [[today, "tiny", "3", "1", str(3 * PROMPT_TOKENS), str(3 * 6), "0", "0", "0"]]
     code, out, _ = await keys_cli(capsys, "usage", "alice", "--json")
     assert json.loads(out) == {today: {"tiny": {"requests": 3, "cached_requests": 1,
                                                 "prompt_tokens": 3 * PROMPT_TOKENS, "completion_tokens": 18}}}

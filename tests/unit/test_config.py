@@ -183,7 +183,8 @@ def test_adapter_named_like_another_models_adapter() -> None:
 
 @pytest.mark.parametrize("arg, field", [
     ("model", "source"), ("served_model_name", "name"), ("revision", "revision"),
-    ("tokenizer_revision", "revision"), ("enable_lora", "lora_adapters"), ("lora_modules", "lora_adapters"),
+    ("tokenizer_revision", "revision"), ("enable_lora", "lora_adapters or runtime_adapters"),
+    ("lora_modules", "lora_adapters"), ("scheduling_policy", "batches"),
 ])
 def test_reserved_engine_args(arg: str, field: str) -> None:
     message = rejected({"models": [MODEL, {"name": "b", "source": "/b", "engine_args": {arg: "x"}}]})
@@ -192,7 +193,7 @@ def test_reserved_engine_args(arg: str, field: str) -> None:
 
 def test_lora_on_embed_model() -> None:
     message = rejected(with_model(kind="embed", lora_adapters={"a": "/a"}))
-    assert "models[0]: lora_adapters need kind: generate" in message
+    assert "models[0]: lora_adapters and runtime_adapters need kind: generate" in message
 
 
 @pytest.mark.parametrize("name", ["-leading-dash", "has space", "", "x" * 129, "semi;colon", "ümlaut"])

@@ -102,6 +102,9 @@ class ScriptedEngine:
     async def ready(self) -> bool:
         return True
 
+    async def load_adapter(self, name: str, source: str) -> None:
+        raise ValueError("a scripted engine takes no adapters")
+
     async def generate(self, route, body, request_id, timeout_s=None, **_routing) -> AsyncIterator[Reply | str]:
         try:
             for item in self.items:

@@ -339,7 +339,7 @@ this path every deployment of an application takes its code version, a hash of i
       args: the sections gateway, redis (= redis.config), cache, responses, files, batches, auth,
       limits (serving.app.GATEWAY_SECTIONS), and of each model only what the gateways read of it
       (serving.app.GATEWAY_MODEL_FIELDS: name, source, kind, revision, lora_adapters, cache,
-      autoscaling, batches, routing), so a model's engine_args, server_args, replicas, resources or env
+      autoscaling, batches, routing, runtime_adapters), so a model's engine_args, server_args, replicas, resources or env
       never roll the gateways;
   application "model-<name>"  serving.app:model_builder    route_prefix null (no HTTP route)
       one per model, in values order; args: the model's values entry verbatim, so a change to
@@ -353,7 +353,7 @@ which override args.
 {{- $gatewayModels := list -}}
 {{- $apps := dict -}}
 {{- range $i, $m := .Values.models -}}
-  {{- $gatewayModels = append $gatewayModels (pick $m "name" "source" "kind" "revision" "lora_adapters" "cache" "autoscaling" "batches" "routing") -}}
+  {{- $gatewayModels = append $gatewayModels (pick $m "name" "source" "kind" "revision" "lora_adapters" "cache" "autoscaling" "batches" "routing" "runtime_adapters") -}}
   {{- $app := include "serving.modelAppName" $m -}}
   {{- if hasKey $apps $app -}}
     {{- fail (printf "models[%d] (%s): its Ray Serve application and deployment name %s is also models[%d]'s (names differ only in characters outside [A-Za-z0-9_-]): rename one" $i $m.name $app (get $apps $app)) -}}
