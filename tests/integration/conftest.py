@@ -62,8 +62,10 @@ def platform_config(demo_dirs, redis_server, tmp_path_factory):
         "gateway": {"host": "127.0.0.1", "port": free_port(), "replicas": 2, "cpus": 0.5, "metrics_port": free_port(),
                     "ray_resource": "serving_gateway"},
         "redis": {"url": redis_server.url, "timeout_s": 0.2, "retry_interval_s": 0.5},
-        # the suite's one key stands for many clients (the overload tests send 100+ requests at once)
-        "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY, "max_concurrent": 100_000}]},
+        # the suite's one key stands for many clients (the overload tests send 100+ requests at once); an admin
+        # key: it loads LoRA adapters at runtime too
+        "auth": {"enabled": True, "keys": [{"name": "tests", "key": API_KEY, "max_concurrent": 100_000,
+                                            "admin": True}]},
         # batches: the files where every gateway replica sees them; a short lease, so the test that kills the
         # gateways sees the batch resumed within seconds
         "files": {"storage_url": f"file://{tmp_path_factory.mktemp('files')}"},

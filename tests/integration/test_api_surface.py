@@ -144,3 +144,49 @@ def test_every_route_needs_a_key(platform):
         method = "GET" if path.startswith("/v1/responses/") else "POST"
         refused = httpx.request(method, f"{root}{path}", json={"model": CHAT}, timeout=30)
         assert refused.status_code == 401, (path, refused.text)
+
+
+def _requests_by_replica(metrics_port: int) -> dict[str, float]:
+    """demo-chat's finished requests per replica (vLLM's counter, through Ray's metrics agent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ray_vllm_request_success_total" and sample.labels.get("model_name") == CHAT:
+                replica = sample.labels.get("ReplicaId", "?")
+                counts[replica] = counts.get(replica, 0.0) + sample.value
+    return counts
+
+
+def test_a_conversation_stays_on_one_replica_whichever_gateway_takes_each_turn(two_chat_replicas, gateways,
+                                                                                platform_config):
+    """Prefix affinity (serving.engine.routing): six turns of one conversation, alternating between the two
+    gateway replicas, all reach the same demo-chat replica; eight other conversations use both replicas."""
+    port = platform_config.gateway.metrics_port
+    clients = [sdk(base) for base in gateways]
+
+    def settled(expected: float) -> dict[str, float]:
+        deadline = time.monotonic() + 60
+        while sum((counts := _requests_by_replica(port)).values()) < expected and time.monotonic() < deadline:
+            time.sleep(1)
+        return counts
+
+    before = settled(0)
+    history = [{"role": "system", "content": "You answer questions about the weather."},
+               {"role": "user", "content": "Is it going to rain today?"}]
+    for turn in range(6):
+        reply = clients[turn % 2].chat.completions.create(model=CHAT, messages=history, max_tokens=4, temperature=0)
+        history += [{"role": "assistant", "content": reply.choices[0].message.content or "."},
+                    {"role": "user", "content": f"And tomorrow, day {turn}?"}]
+    after = settled(sum(before.values()) + 6)
+    grew = {r: after.get(r, 0) - before.get(r, 0) for r in after if after.get(r, 0) > before.get(r, 0)}
+    assert list(grew.values()) == [6], grew  # every turn on one replica
+    for c in range(8):
+        clients[c % 2].chat.completions.create(model=CHAT, max_tokens=2, temperature=0, messages=[
+            {"role": "system", "content": f"Conversation {c} about topic {c * 7}."}, {"role": "user", "content": "Hi"}])
+    spread = settled(sum(after.values()) + 8)
+    used = [r for r in spread if spread[r] > after.get(r, 0)]
+    print(f"\naffinity: one conversation's 6 turns on one replica {grew}; 8 others on {len(used)} replicas")
+    assert len(used) == 2  # 8 keys on 2 replicas: all on one has probability 1/128
