@@ -105,3 +105,44 @@ async def test_operators_list_show_and_cancel_every_keys_batches(redis_url, tmp_
     finally:
         await app.state.services.batches.stop()
         await app.state.services.store.close()
+
+
+async def test_operators_add_list_and_remove_runtime_adapters(redis_url, tmp_path, capsys):
+    """`serving adapters` writes the registry every gateway reads (serving.gateway.adapters)."""
+    from serving.gateway.services import Registry
+
+    config_data = {"models": [{"name": "tiny", "source": "/models/tiny", "runtime_adapters": True},
+                              {"name": "plain", "source": "/models/plain"}],
+                   "redis": {"url": redis_url}, "auth": {"enabled": False}}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config_data))
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["adapters", "--config", str(config_file), *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, _ = await cli("add", "tiny-sql", "--model", "tiny", "--path", "/adapters/sql")
+    assert code == 0 and "tiny-sql" in out
+    for bad, reason in ((("tiny-sql", "--model", "tiny", "--path", "/x"), "taken"),
+                        (("other", "--model", "plain", "--path", "/x"), "does not take"),
+                        (("other", "--model", "nope", "--path", "/x"), "no base model"),
+                        (("bad name", "--model", "tiny", "--path", "/x"), "must match")):
+        code, _, err = await cli("add", *bad)
+        assert code == 1 and reason in err, (bad, err)
+    code, out, _ = await cli("list")
+    assert code == 0 and "tiny-sql" in out and "/adapters/sql" in out
+    config = load_config(data=config_data)
+    app = create_app(config, {"tiny": FakeEngine("tiny"), "plain": FakeEngine("plain")})
+    registry: Registry = app.state.services.registry
+    try:
+        await registry.refresh(app.state.services.store)
+        assert registry.lookup("tiny-sql")[0].name == "tiny" and registry.adapter_source("tiny-sql") == "/adapters/sql"
+        code, out, _ = await cli("remove", "tiny-sql")
+        assert code == 0
+        await registry.refresh(app.state.services.store)
+        assert registry.adapter_source("tiny-sql") is None
+        code, _, err = await cli("remove", "tiny-sql")
+        assert code == 1 and "no adapter" in err
+    finally:
+        await app.state.services.store.close()
