@@ -6,17 +6,15 @@ admin key also loads it on one replica at once, and refuses a path the engine ca
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-from serving.config import NAME_PATTERN, ConfigError, ServingConfig, load_config
+from serving.config import NAME_PATTERN, ServingConfig
 from serving.gateway.services import ADAPTERS, PLATFORM
-from serving.gateway.store import Store, build_store
-from serving.keys import table
+from serving.gateway.store import Store
+from serving.keys import run_on_store, table
 
 
 def add_adapters_parser(subparsers) -> None:
@@ -33,15 +31,7 @@ def add_adapters_parser(subparsers) -> None:
 
 
 def run_adapters(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if not config.redis.url:
-        raise ConfigError("serving adapters needs Redis: set redis.url in --config FILE or SERVING_REDIS__URL")
-    store = build_store(config.redis)
-    try:
-        return asyncio.run(_run(args, config, store))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_on_store("adapters", args, _run)
 
 
 async def _run(args: argparse.Namespace, config: ServingConfig, store: Store) -> int:

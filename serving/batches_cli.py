@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from serving.config import ConfigError, ServingConfig, load_config
+from serving.config import ServingConfig
 from serving.gateway.auth import digest
 from serving.gateway.batches import ALL, CANCEL, KIND, TERMINAL
-from serving.gateway.store import Store, build_store
-from serving.keys import table
+from serving.gateway.store import Store
+from serving.keys import run_on_store, table
 
 
 def add_batches_parser(subparsers) -> None:
@@ -32,15 +31,7 @@ def add_batches_parser(subparsers) -> None:
 
 
 def run_batches(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if not config.redis.url:
-        raise ConfigError("serving batches needs Redis: set redis.url in --config FILE or SERVING_REDIS__URL")
-    store = build_store(config.redis)
-    try:
-        return asyncio.run(_run(args, config, store))
-    except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_on_store("batches", args, _run)
 
 
 async def _run(args: argparse.Namespace, config: ServingConfig, store: Store) -> int:

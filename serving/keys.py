@@ -7,8 +7,9 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from serving.config import ConfigError, ServingConfig, load_config
 from serving.gateway.auth import LIMIT_FIELDS, create_key, digest, find_key, revoke_key, update_key
@@ -62,16 +63,23 @@ def _count_or_none(text: str) -> int | str:
     return CLEAR if text.lower() == CLEAR else _count(text)
 
 
-def run_keys(args: argparse.Namespace) -> int:
+def run_on_store(command: str, args: argparse.Namespace,
+                 work: Callable[[argparse.Namespace, ServingConfig, Store], Coroutine[Any, Any, int]]) -> int:
+    """An operator command on the configured Redis (`serving keys`, `batches`, `adapters`): its exit status;
+    a ValueError or LookupError from `work` is printed as the error (status 1). `work` closes the store."""
     config = load_config(args.config)
     if not config.redis.url:
-        raise ConfigError("serving keys needs Redis: set redis.url in --config FILE or SERVING_REDIS__URL")
+        raise ConfigError(f"serving {command} needs Redis: set redis.url in --config FILE or SERVING_REDIS__URL")
     store = build_store(config.redis)
     try:
-        return asyncio.run(_run(args, config, store))
-    except ValueError as exc:
+        return asyncio.run(work(args, config, store))
+    except (ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    return run_on_store("keys", args, _run)
 
 
 async def _run(args: argparse.Namespace, config: ServingConfig, store: Store) -> int:
