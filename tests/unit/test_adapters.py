@@ -130,3 +130,22 @@ async def test_a_replica_without_the_adapter_loads_it_on_its_first_request(adapt
                                                               "messages": [{"role": "user", "content": "x"}]})
         assert reply.status_code == 200 and later.adapters == {"late": adapter_dir}
         assert later.bodies[-1]["_adapter"] == "late"
+
+
+def test_an_adapter_on_object_storage_is_copied_to_the_replica_once(tmp_path, monkeypatch):
+    """A remote lora_path goes through fsspec (its memory filesystem stands in for s3:// here): copied once
+    under ADAPTER_CACHE, a local path used as it is."""
+    import fsspec
+
+    from serving.engine import vllm
+
+    monkeypatch.setattr(vllm, "ADAPTER_CACHE", str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")
+    memory.pipe({"/bucket/sql/adapter_config.json": b'{"r": 8}', "/bucket/sql/adapter_model.safetensors": b"w"})
+    local = vllm.local_copy("memory://bucket/sql")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [local.rsplit("/", 1)[1]]
+    assert open(f"{local}/adapter_config.json").read() == '{"r": 8}'
+    memory.rm("/bucket/sql", recursive=True)  # a second load does not fetch again
+    assert vllm.local_copy("memory://bucket/sql") == local
+    assert vllm.local_copy(str(tmp_path)) == str(tmp_path)
+    assert vllm.local_copy(f"file://{tmp_path}") == str(tmp_path)
