@@ -307,8 +307,9 @@ def test_alert_expressions_run_and_stay_silent_on_a_healthy_platform(loaded, pro
                  "ServingMetricsAbsent", "ServingMetricsTargetDown", "ServingKVCacheSaturated"):
         assert not promql(prometheus, rules[name]), name
     # what the replica alert sums is there for every model
-    healthy = _by(promql(prometheus, 'sum by (application, deployment) '
-                                     '(ray_serve_deployment_replica_healthy{deployment=~"model-.+"})'), "deployment")
+    models = 'deployment=~"model-.+",deployment!~".+-ingress"'  # not the models' empty ingress deployments
+    query = f"sum by (application, deployment) (ray_serve_deployment_replica_healthy{{{models}}})"
+    healthy = _by(promql(prometheus, query), "deployment")
     assert healthy == {"model-demo-chat": 1, "model-demo-chat-b": 1, f"model-{EMBED}": 1}, healthy
 
 

@@ -76,10 +76,10 @@ MUTATIONS = {
     "queue not averaged": ("avg_over_time(vllm:num_requests_waiting[5m])",
                            "min_over_time(vllm:num_requests_waiting[5m])"),
     "kv threshold": ("(vllm:kv_cache_usage_perc) > 0.9", "(vllm:kv_cache_usage_perc) > 0.99"),
-    "replicas not summed": ('sum by (application, deployment) '
-                            '(ray_serve_deployment_replica_healthy{deployment=~"model-.+"}) < 1',
-                            'min by (application, deployment) '
-                            '(ray_serve_deployment_replica_healthy{deployment=~"model-.+"}) < 1'),
+    "replicas not summed": ('sum by (application, deployment) (ray_serve_deployment_replica_healthy'
+                            '{deployment=~"model-.+",deployment!~".+-ingress"}) < 1',
+                            'min by (application, deployment) (ray_serve_deployment_replica_healthy'
+                            '{deployment=~"model-.+",deployment!~".+-ingress"}) < 1'),
     "gateway alert gone": ('ray_serve_deployment_replica_healthy{deployment="gateway"}) < 1',
                            'ray_serve_deployment_replica_healthy{deployment="gateway"}) < 0'),
 }
