@@ -9,18 +9,15 @@ import argparse
 import json
 import re
 import time
-from pathlib import Path
 
 from serving.config import NAME_PATTERN, ServingConfig
 from serving.gateway.services import ADAPTERS, PLATFORM
 from serving.gateway.store import Store
-from serving.keys import run_on_store, table
+from serving.keys import run_on_store, store_command, table
 
 
 def add_adapters_parser(subparsers) -> None:
-    adapters = subparsers.add_parser("adapters", help="LoRA adapters loaded at runtime (in the configured Redis)")
-    adapters.add_argument("--config", type=Path, help="configuration with redis.url (or set SERVING_REDIS__URL)")
-    sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    sub = store_command(subparsers, "adapters", "LoRA adapters loaded at runtime (in the configured Redis)")
     add = sub.add_parser("add", help="serve a LoRA adapter under a model name of its own")
     add.add_argument("name")
     add.add_argument("--model", required=True, help="the base model (it needs runtime_adapters or lora_adapters)")

@@ -6,20 +6,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from serving.config import ServingConfig
 from serving.gateway.auth import digest
-from serving.gateway.batches import ALL, CANCEL, KIND, TERMINAL
+from serving.gateway.batches import ALL, CANCEL, KIND, TERMINAL, view
 from serving.gateway.store import Store
-from serving.keys import run_on_store, table
+from serving.keys import run_on_store, store_command, table
 
 
 def add_batches_parser(subparsers) -> None:
-    batches = subparsers.add_parser("batches", help="batches of every API key (in the configured Redis)")
-    batches.add_argument("--config", type=Path, help="configuration with redis.url (or set SERVING_REDIS__URL)")
-    sub = batches.add_subparsers(dest="batches_command", required=True)
+    sub = store_command(subparsers, "batches", "batches of every API key (in the configured Redis)")
     listing = sub.add_parser("list", help="batches, newest first")
     listing.add_argument("--status", help="only batches with this status (e.g. in_progress)")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
@@ -88,11 +85,8 @@ async def _load(store: Store, owner: str, batch_id: str) -> tuple[dict[str, Any]
     if raw is None:
         return None, None
     record = json.loads(raw)
-    batch = dict(record["batch"])
     flag = (await store.record_get(CANCEL, owner, [batch_id]))[0]
-    if flag is not None and batch["status"] not in TERMINAL:
-        batch.update(status="cancelling", cancelling_at=int(flag))
-    return batch, record
+    return view(record, int(flag) if flag is not None else None), record
 
 
 def _table(rows: list[tuple[dict[str, Any], str]]) -> str:

@@ -16,10 +16,16 @@ from serving.gateway.auth import LIMIT_FIELDS, create_key, digest, find_key, rev
 from serving.gateway.store import Store, build_store
 
 
+def store_command(subparsers, command: str, help: str):
+    """An operator command on the configured Redis (`serving keys`, `batches`, `adapters`; run it with
+    run_on_store): its `--config`, and the parser of its subcommands (dest `<command>_command`)."""
+    parser = subparsers.add_parser(command, help=help)
+    parser.add_argument("--config", type=Path, help="configuration with redis.url (or set SERVING_REDIS__URL)")
+    return parser.add_subparsers(dest=f"{command}_command", required=True)
+
+
 def add_keys_parser(subparsers) -> None:
-    keys = subparsers.add_parser("keys", help="manage API keys (in the configured Redis)")
-    keys.add_argument("--config", type=Path, help="configuration with redis.url (or set SERVING_REDIS__URL)")
-    sub = keys.add_subparsers(dest="keys_command", required=True)
+    sub = store_command(subparsers, "keys", "manage API keys (in the configured Redis)")
     create = sub.add_parser("create", help="create a key; it is printed once")
     create.add_argument("name")
     _limit_flags(create, "unset: ")

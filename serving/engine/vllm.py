@@ -107,6 +107,8 @@ class VLLMEngine:
         if self._app is None:
             raise ValueError(f"the model {self.model.name!r} is not loaded yet")
         models = self._app.state.openai_serving_models
+        if name in models.lora_requests:  # loaded: every request for a runtime adapter asks, no lock needed
+            return
         async with self._adapter_lock:
             if name in models.lora_requests:
                 return

@@ -370,7 +370,7 @@ class BatchJob:
         refused = line_error(line, endpoint)
         if refused is not None:
             status, message, param, code = refused
-            status, body = status, json.dumps(error_body(status, message, param=param, code=code)).encode()
+            body = json.dumps(error_body(status, message, param=param, code=code)).encode()
         elif principal is None:  # the key was revoked or expired since the batch was created
             status, body = 401, json.dumps(error_body(401, "The API key of this batch is no longer valid.",
                                                       code="invalid_api_key")).encode()
@@ -390,19 +390,22 @@ class BatchJob:
     async def _serve(self, route, line: Line, principal, request_id: str) -> tuple[int, bytes]:
         """The line's answer, tried again while the model answers 503; any failure is the line's own (500),
         never one that loses the line."""
-        for wait in (*RETRY_WAITS_S, None):
-            try:
-                status, body = await serve_line(route, json.loads(json.dumps(line.body)), principal, self.svc,
-                                                priority=self.svc.config.batches.priority, request_id=request_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug of an engine adapter: the line fails, the batch goes on
-                logger.exception("batch %s: line %s failed", self.batch_id, line.custom_id)
-                status, body = 500, json.dumps(error_body(500, "internal error")).encode()
-            if status != 503 or wait is None or self.stop_reason is not None:
+        for wait in RETRY_WAITS_S:
+            status, body = await self._attempt(route, line, principal, request_id)
+            if status != 503 or self.stop_reason is not None:
                 return status, body
             await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+        return await self._attempt(route, line, principal, request_id)
+
+    async def _attempt(self, route, line: Line, principal, request_id: str) -> tuple[int, bytes]:
+        try:  # serve_line changes the body it is given: each attempt gets a copy
+            return await serve_line(route, json.loads(json.dumps(line.body)), principal, self.svc,
+                                    priority=self.svc.config.batches.priority, request_id=request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug of an engine adapter: the line fails, the batch goes on
+            logger.exception("batch %s: line %s failed", self.batch_id, line.custom_id)
+            return 500, json.dumps(error_body(500, "internal error")).encode()
 
     async def _checkpoints(self) -> None:
         """Checkpoint every checkpoint_s (sooner when checkpoint_lines are waiting); look for a cancel."""

@@ -234,8 +234,8 @@ async def list_files(principal: Caller, svc: Svc, purpose: str | None = None,
         files: list[dict[str, Any]] = []
         for start in range(0, len(ids), 100):  # one read per hundred ids until the page is full
             raw = await svc.store.call("record_get", KIND, principal.subject, ids[start:start + 100])
-            files += [json.loads(r)["file"] for r in raw if r]
-            files = [f for f in files if purpose is None or f["purpose"] == purpose]
+            found = (json.loads(r)["file"] for r in raw if r)
+            files += [f for f in found if purpose is None or f["purpose"] == purpose]
             if len(files) > limit:
                 break
     except StoreUnavailable:
