@@ -310,13 +310,21 @@ def _gone(proc: psutil.Process, timeout_s: float) -> bool:
         time.sleep(0.05)
 
 
+RELEASE_WAIT_S = 2.0  # the kernel may list an ended process's listening socket a moment longer (no owner)
+
+
 def _check_released(ports: set[int]) -> None:
-    """Raise if any of `ports` is still listened on after its left-over HAProxy ended.
+    """Raise if any of `ports` is still listened on RELEASE_WAIT_S after its left-over HAProxy ended.
 
     Raises:
         PortInUseError: a port is still held (a new holder took it meanwhile).
     """
-    for port, pids in sorted(_listening_pids(ports).items()):
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    held = _listening_pids(ports)
+    while any(held.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        held = _listening_pids(ports)
+    for port, pids in sorted(held.items()):
         if pids:
             who = ", ".join(_describe_pid(pid) for pid in sorted(pids, key=lambda pid: pid or 0))
             raise PortInUseError(f"port {port} is still in use after the left-over HAProxy stopped: {who}")

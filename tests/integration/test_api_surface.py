@@ -168,10 +168,17 @@ def test_a_conversation_stays_on_one_replica_whichever_gateway_takes_each_turn(t
     clients = [sdk(base) for base in gateways]
 
     def settled(expected: float) -> dict[str, float]:
-        deadline = time.monotonic() + 60
-        while sum((counts := _requests_by_replica(port)).values()) < expected and time.monotonic() < deadline:
+        """The counts once they reach `expected` and stop changing: Ray's metrics agent exports what replicas
+        report every second, so the requests of earlier tests may still be arriving."""
+        deadline, last, same = time.monotonic() + 60, None, 0
+        while time.monotonic() < deadline:
+            counts = _requests_by_replica(port)
+            same = same + 1 if counts == last else 0
+            if same >= 3 and sum(counts.values()) >= expected:
+                return counts
+            last = counts
             time.sleep(1)
-        return counts
+        return _requests_by_replica(port)
 
     before = settled(0)
     history = [{"role": "system", "content": "You answer questions about the weather."},
