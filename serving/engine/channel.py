@@ -22,7 +22,7 @@ is ever executed or unpickled).
   the oldest) and drops one unfinished after HANDSHAKE_TIMEOUT_S. A proven handshake replaces that
   gateway's previous connection (a reconnect); an unproven one is closed and touches nothing.
 - replica -> gateway: lists of `[request_id, item]`, item a str of SSE events (or `END`), or a msgpack
-  extension holding a `Reply`, a `Failed`, or a part of one item too big for a frame.
+  extension holding a `Reply`, a `Failed`, a `Usage`, or a part of one item too big for a frame.
   No frame is larger than `max_frame_bytes` (the replica splits; the gateway closes a connection
   that sends a larger one). The gateway never writes after its handshake.
 
@@ -50,7 +50,7 @@ from typing import Any
 
 import msgpack
 
-from serving.engine.protocol import Reply
+from serving.engine.protocol import Reply, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ MAX_FRAME_BYTES = 64 << 20  # the largest frame of items; a bigger item travels 
 HANDSHAKE_TIMEOUT_S = 3.0  # a gateway answers within one round trip; a silent connector is dropped
 MAX_PENDING_HANDSHAKES = 32  # unproven connections a replica holds at once
 RETRY_AFTER_S = 2.0  # a gateway waits this long before connecting again to a replica that failed it
+MAX_GATHER_PASSES = 4  # event loop passes a replica waits for more items before it writes a frame
 END = "\x00end"  # an item no engine yields (SSE text starts with "data: ")
 
-_EXT_REPLY, _EXT_FAILED, _EXT_PART, _EXT_LAST_PART = 1, 2, 3, 4
+_EXT_REPLY, _EXT_FAILED, _EXT_PART, _EXT_LAST_PART, _EXT_USAGE = 1, 2, 3, 4, 5
 _PART_OVERHEAD = 64  # an entry's bytes besides its piece and request id: array, ext and str headers
 
 
@@ -119,10 +120,12 @@ def _to_ext(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(_EXT_FAILED, obj.message.encode())
     if isinstance(obj, _Part):
         return msgpack.ExtType(_EXT_LAST_PART if obj.last else _EXT_PART, obj.data)
+    if isinstance(obj, Usage):
+        return msgpack.ExtType(_EXT_USAGE, msgpack.packb((obj.prompt_tokens, obj.completion_tokens, obj.final)))
     raise TypeError(f"a direct stream cannot carry a {type(obj).__name__}")
 
 
-def _from_ext(code: int, data: bytes) -> Reply | Failed | _Part:
+def _from_ext(code: int, data: bytes) -> Reply | Failed | _Part | Usage:
     """The only objects a frame can make: plain data, checked field by field."""
     if code == _EXT_REPLY:
         status, body = msgpack.unpackb(data)
@@ -133,6 +136,11 @@ def _from_ext(code: int, data: bytes) -> Reply | Failed | _Part:
         return Failed(data.decode())
     if code in (_EXT_PART, _EXT_LAST_PART):
         return _Part(data, code == _EXT_LAST_PART)
+    if code == _EXT_USAGE:
+        prompt, completion, final = msgpack.unpackb(data)
+        if type(prompt) is not int or type(completion) is not int or type(final) is not bool:
+            raise ProtocolError("malformed Usage")
+        return Usage(prompt, completion, final)
     raise ProtocolError(f"unknown item type {code}")
 
 
@@ -248,8 +256,15 @@ class _Outbox:
             while True:
                 await self.wake.wait()
                 # let the tasks that are ready now (other requests' handlers of the same engine step)
-                # add their chunks first: no timer, one pass of the event loop
-                await asyncio.sleep(0)
+                # add their chunks first: no timer, passes of the event loop while they keep adding
+                # (an engine step's chunks reach the outbox over a few passes: vLLM's output handler,
+                # then each request's handler); one frame, one write, instead of one per pass
+                seen = -1
+                for _ in range(MAX_GATHER_PASSES):
+                    if self.queued == seen:
+                        break
+                    seen = self.queued
+                    await asyncio.sleep(0)
                 if self.writer is not writer:
                     return  # replaced by a newer connection of the same gateway
                 self.wake.clear()
@@ -568,9 +583,9 @@ class ChannelClient:
             if queue is not None:  # else its caller left already
                 queue.put_nowait(item)
 
-    def _whole(self, request_id: str, item: Any) -> Reply | Failed | str | None:
+    def _whole(self, request_id: str, item: Any) -> Reply | Failed | Usage | str | None:
         """A non-text item as the request gets it; None while an item in parts is incomplete."""
-        if isinstance(item, (Reply, Failed)):
+        if isinstance(item, (Reply, Failed, Usage)):
             return item
         if not isinstance(item, _Part):
             raise ProtocolError(f"unexpected item {type(item).__name__}")

@@ -17,7 +17,7 @@ import struct
 import time
 from typing import Any, AsyncIterator
 
-from serving.engine.protocol import Reply, Route
+from serving.engine.protocol import Reply, Route, Usage
 
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu")
 
@@ -36,12 +36,14 @@ class FakeEngine:
     """Deterministic stand-in for one model.
 
     ttft_s: delay before the first token; itl_s: delay between tokens; dim: embedding size;
-    fail_after: raise after this many tokens of a stream (to test in-band errors).
+    fail_after: raise after this many tokens of a stream (to test in-band errors); reports_usage: a
+    stream carries its token counts (protocol.Usage) as VLLMEngine's do (False: an engine that sends none).
     """
 
     def __init__(self, name: str, *, ttft_s: float = 0.0, itl_s: float = 0.0, dim: int = 8,
-                 fail_after: int | None = None, max_model_len: int = 4096):
+                 fail_after: int | None = None, max_model_len: int = 4096, reports_usage: bool = True):
         self.name = name
+        self.reports_usage = reports_usage
         self.max_model_len = max_model_len
         self.ttft_s, self.itl_s, self.dim, self.fail_after = ttft_s, itl_s, dim, fail_after
         self.started: list[str] = []  # request ids seen
@@ -70,7 +72,7 @@ class FakeEngine:
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
                        affinity: str | None = None, adapter: str | None = None,
-                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str | Usage]:
         if adapter is not None and adapter_source is not None and adapter not in self.adapters:
             try:
                 await self.load_adapter(adapter, adapter_source)
@@ -89,7 +91,8 @@ class FakeEngine:
             if not done and request_id not in self.aborted:  # closed or cancelled before its end
                 self.aborted.append(request_id)
 
-    async def _generate(self, route: Route, request: dict[str, Any], request_id: str) -> AsyncIterator[Reply | str]:
+    async def _generate(self, route: Route, request: dict[str, Any],
+                        request_id: str) -> AsyncIterator[Reply | str | Usage]:
         if route == "embedding":
             yield self._embed(request)
             return
@@ -151,7 +154,7 @@ class FakeEngine:
         return {"id": f"fake-{request_id}", "object": obj, "created": int(time.time()), "model": request["model"],
                 "choices": [choice], "usage": usage}
 
-    async def _stream(self, route, request, request_id, words, usage, finish) -> AsyncIterator[str]:
+    async def _stream(self, route, request, request_id, words, usage, finish) -> AsyncIterator[str | Usage]:
         chat = route == "chat"
         base = {"id": f"fake-{request_id}", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": request["model"]}
@@ -166,6 +169,8 @@ class FakeEngine:
                               "completion_tokens": tokens}}
 
         await asyncio.sleep(self.ttft_s)
+        if self.reports_usage:
+            yield Usage(prompt_tokens, 0)
         if chat:
             yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}], **running(0)})
@@ -173,6 +178,8 @@ class FakeEngine:
             if i:
                 await asyncio.sleep(self.itl_s)
             if self.fail_after is not None and i >= self.fail_after:
+                if self.reports_usage:
+                    yield Usage(prompt_tokens, i, final=True)
                 yield _sse({"error": {"message": "engine failed", "type": "InternalServerError", "param": None,
                                       "code": 500}})
                 yield "data: [DONE]\n\n"
@@ -184,6 +191,8 @@ class FakeEngine:
             yield _sse({**base, "choices": [choice], **running(i + 1)})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": usage})
+        if self.reports_usage:
+            yield Usage(prompt_tokens, len(words), final=True)
         yield "data: [DONE]\n\n"
 
     def _embed(self, request: dict[str, Any]) -> Reply:

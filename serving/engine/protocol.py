@@ -55,6 +55,27 @@ class Reply:
         return self.body is None
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The token counts of a streamed answer so far, as the engine counts them for its own usage (vLLM's:
+    the prompt's tokens, encoder prompt included, of every prompt; every choice's generated tokens). An
+    item of the stream, never shown to the client: the gateway meters the stream with it, so the engine
+    need not put usage into every chunk for a stream cut short.
+
+    final: the answer is complete and these are its counts (sent before the stream's last chunk);
+           otherwise counts so far (sent as soon as the prompt's tokens are known).
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    final: bool = False
+
+    def as_openai(self) -> dict[str, int]:
+        """OpenAI's `usage` object of these counts."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
 class EngineOverloaded(Exception):
     """The model's request queue is full: the caller answers 503 with Retry-After at once."""
 
@@ -68,16 +89,19 @@ class Engine(Protocol):
     """One served model (and its LoRA adapters).
 
     Yield convention of `generate`: the first item is a `Reply`. If `Reply.body` is set, that is
-    the whole answer and nothing follows. If it is None, every following item is a `str` holding
+    the whole answer and nothing follows. If it is None, the items that follow are `str`s, each holding
     one or more complete SSE events (`data: <json>\\n\\n`), the last one ending with
     `data: [DONE]\\n\\n`; an error after the first event arrives in-band as `data: {"error": ...}`.
+    Among them, a stream may carry `Usage` items (its token counts, for the gateway): one once the
+    prompt's tokens are known, and a final one before the last chunk. An engine that sends none is
+    metered from what the stream shows.
     Items are produced as soon as the engine has them: nothing waits on a timer. Closing the
     iterator early (client gone, timeout) aborts the engine request.
     """
 
     def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
                  affinity: str | None = None, adapter: str | None = None,
-                 adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
+                 adapter_source: str | None = None) -> AsyncIterator[Reply | str | Usage]:
         """`timeout_s`: the request's remaining time; the engine ends its own work then. `affinity`: the
         routing key of the request's prompt (serving.gateway.affinity), `adapter`: the LoRA adapter it
         asks for; an engine of several replicas routes on them (serving.engine.routing), one replica

@@ -8,7 +8,7 @@ import time
 from typing import Any, AsyncIterator
 
 from serving.engine.channel import END, Accepted, ChannelClient, Failed
-from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route
+from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Route, Usage
 from serving.raycompat import router_view
 
 AFFINITY_KWARG, ADAPTER_KWARG = "affinity", "adapter"  # serving.engine.routing reads them (it imports Ray Serve)
@@ -150,7 +150,7 @@ class RemoteEngine:
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
                        affinity: str | None = None, adapter: str | None = None,
-                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str | Usage]:
         """`request_id` must be unique among this gateway's requests in flight: the direct stream hands
         each answer to the request registered under its id, and the replica's engine (vLLM) takes it as
         its request id. The gateway passes its internal id (serving.gateway.middleware), never a
@@ -227,7 +227,7 @@ def _log_failure(refresh: asyncio.Future) -> None:
         logger.warning("asking Ray Serve's controller for running replicas failed: %r", refresh.exception())
 
 
-async def _from_channel(queue: asyncio.Queue) -> AsyncIterator[Reply | str]:
+async def _from_channel(queue: asyncio.Queue) -> AsyncIterator[Reply | str | Usage]:
     """One request's items as its direct stream delivers them, up to END; chunks that arrived
     together leave as one item (one write to the client)."""
     held = None

@@ -9,7 +9,7 @@ from typing import Any
 
 from serving.config import ModelConfig
 from serving.engine.channel import Accepted, ChannelServer
-from serving.engine.protocol import Reply, Route
+from serving.engine.protocol import Reply, Route, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ModelServer:
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None,
                        gateway: tuple[str, str] | None = None, *, affinity: str | None = None,
                        adapter: str | None = None, adapter_source: str | None = None,
-                       ) -> AsyncIterator[Reply | str | Accepted]:
+                       ) -> AsyncIterator[Reply | str | Usage | Accepted]:
         """One request's answer, after an `Accepted` sent at once: Ray delivers a caller's cancellation
         only to a call that has yielded something, so without it a non-streamed request whose client
         left would hold its engine slot until its timeout. `gateway` (id, secret) comes from a gateway

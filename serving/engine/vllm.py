@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
 from typing import Any, AsyncIterator
 
 from serving.config import ModelConfig
-from serving.engine.protocol import PATHS, Reply, Route
+from serving.engine.protocol import PATHS, Reply, Route, Usage
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # the ASGI app returned
+# the token counts of the API request whose ASGI task runs (set around its creation: the task copies it)
+_COUNTS: contextvars.ContextVar[TokenCounts | None] = contextvars.ContextVar("serving_token_counts", default=None)
+# vLLM's HTTP middleware that the gateway does itself (CORS; HTTP metrics, which nobody scrapes in a replica):
+# each wraps every chunk's `send`
+_SKIPPED_MIDDLEWARE = ("CORSMiddleware", "PrometheusInstrumentatorMiddleware")
 
 
 class VLLMEngine:
@@ -73,6 +79,9 @@ class VLLMEngine:
         await init_app_state(client, app.state, args, tasks)
         # the app's lifespan runs vLLM's periodic stats logging, as under `vllm serve`
         await self._stack.enter_async_context(app.router.lifespan_context(app))
+        app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ not in _SKIPPED_MIDDLEWARE]
+        app.middleware_stack = None  # built again from the list on the first call
+        client.generate = _counting(client.generate)  # vLLM's OpenAI layer calls it on this object
         self._client, self._app = client, app
         logger.info("model %s ready (tasks: %s)", self.model.name, ", ".join(tasks))
 
@@ -125,7 +134,7 @@ class VLLMEngine:
 
     async def generate(self, route: Route, body: bytes, request_id: str, timeout_s: float | None = None, *,
                        affinity: str | None = None, adapter: str | None = None,
-                       adapter_source: str | None = None) -> AsyncIterator[Reply | str]:
+                       adapter_source: str | None = None) -> AsyncIterator[Reply | str | Usage]:
         if self._app is None:
             yield _not_ready(self.model.name)
             return
@@ -138,7 +147,12 @@ class VLLMEngine:
         messages: asyncio.Queue = asyncio.Queue()
         disconnected = asyncio.Event()
         scope = _scope(PATHS[route], request_id)
-        task = asyncio.create_task(self._app(scope, _receiver(body, disconnected), messages.put))
+        counts = TokenCounts()
+        reset = _COUNTS.set(counts)
+        try:
+            task = asyncio.create_task(self._app(scope, _receiver(body, disconnected), messages.put))
+        finally:
+            _COUNTS.reset(reset)
         task.add_done_callback(lambda _: messages.put_nowait(_END))
         # the engine ends its own work at the request's deadline: the caller's cancellation may not reach
         # a replica that has not answered anything yet (a non-streamed request)
@@ -163,7 +177,7 @@ class VLLMEngine:
                 yield _timed_out() if expired.is_set() else Reply(status, body)
                 return
             yield Reply(status, None)
-            async for chunk in _stream_chunks(messages):
+            async for chunk in _stream_chunks(messages, counts):
                 yield chunk
         finally:
             if timer is not None:
@@ -291,9 +305,11 @@ async def _read_body(messages: asyncio.Queue) -> bytes:
     return b"".join(parts)
 
 
-async def _stream_chunks(messages: asyncio.Queue) -> AsyncIterator[str]:
-    """SSE chunks as the app sends them; chunks already waiting go out together (never on a timer)."""
+async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts) -> AsyncIterator[str | Usage]:
+    """SSE chunks as the app sends them; chunks already waiting go out together (never on a timer). The
+    stream's token counts go along (protocol.Usage): once the prompt's are known, and final before the last."""
     ended = False
+    reported = 0  # the prompt tokens last reported
     while not ended:
         batch = [await messages.get()]
         while not messages.empty():
@@ -304,5 +320,66 @@ async def _stream_chunks(messages: asyncio.Queue) -> AsyncIterator[str]:
                 ended = True
             if message is not _END and message.get("body"):
                 parts.append(message["body"])
+        if ended and counts.seen:
+            yield counts.usage(final=True)
+        elif counts.prompt_tokens != reported:
+            reported = counts.prompt_tokens
+            yield counts.usage(final=False)
         if parts:
             yield b"".join(parts).decode()
+
+
+class TokenCounts:
+    """The tokens of one API request's engine requests, counted as vLLM's OpenAI layer counts them for its
+    `usage`: a prompt's `prompt_token_ids` (and encoder prompt) once per engine request, each choice's
+    generated `token_ids` (added up when outputs are deltas, as in a stream)."""
+
+    __slots__ = ("prompts", "completions", "seen")
+
+    def __init__(self) -> None:
+        self.prompts: dict[str, int] = {}  # engine request id -> prompt tokens
+        self.completions: dict[tuple[str, int], int] = {}  # (engine request id, choice index) -> tokens
+        self.seen = False  # the engine produced an output
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompts.values())
+
+    def usage(self, final: bool) -> Usage:
+        return Usage(self.prompt_tokens, sum(self.completions.values()), final)
+
+    def add(self, request_id: str, output: Any, delta: bool) -> None:
+        """One RequestOutput of the engine request `request_id`."""
+        self.seen = True
+        if output.prompt_token_ids is not None:
+            encoder = output.encoder_prompt_token_ids
+            self.prompts[request_id] = len(output.prompt_token_ids) + (len(encoder) if encoder is not None else 0)
+        completions = self.completions
+        for choice in output.outputs:
+            key = (request_id, choice.index)
+            completions[key] = (completions.get(key, 0) if delta else 0) + len(choice.token_ids)
+
+
+def _counting(generate: Any) -> Any:
+    """AsyncLLM.generate, with the outputs of the requests an API request makes counted into its TokenCounts
+    (_COUNTS, set while its ASGI task was created; requests made outside one are not counted)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    def counted_generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        outputs = generate(prompt, sampling_params, request_id, *args, **kwargs)
+        counts = _COUNTS.get()
+        if counts is None:
+            return outputs
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        return _counted(outputs, counts, request_id, delta)
+
+    return counted_generate
+
+
+async def _counted(outputs: Any, counts: TokenCounts, request_id: str, delta: bool) -> Any:
+    try:
+        async for output in outputs:
+            counts.add(request_id, output, delta)
+            yield output
+    finally:
+        await outputs.aclose()  # the caller left early: AsyncLLM aborts the request, as without us

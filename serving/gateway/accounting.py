@@ -1,20 +1,19 @@
 """Usage metering of one answer: the tap the relay (serving.gateway.relay) hands every answer to.
 
-It takes the usage out of the answer (a non-streamed body's `usage`; in a stream vLLM's usage chunk, or
-its running usage, or the final event of a named-event stream), settles the request's admission with it
-(limits and the key's usage records), fills the response cache, and for a stream cut short counts what
-was sent, so that hanging up early escapes no token limit.
+It takes the usage of the answer (a non-streamed body's `usage`; for a stream the engine's token counts,
+protocol.Usage items that travel with the stream and never reach the client, or the final event of a
+named-event stream), settles the request's admission with it (limits and the key's usage records), fills
+the response cache, and for a stream cut short counts what was sent, so that hanging up early escapes no
+token limit. The client's `stream_options` reach vLLM as sent: the usage it shows is the usage asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from serving.engine.protocol import Route
+from serving.engine.protocol import Route, Usage
 from serving.gateway.cache import StreamAssembler
 from serving.gateway.errors import stream_error
 from serving.gateway.limits import Admission
@@ -24,38 +23,24 @@ from serving.gateway.services import Services
 from serving.gateway.specs import SPECS, RouteSpec
 
 
-@dataclass(frozen=True)
-class Shown:
-    """What of a stream's usage the client asked for: vLLM's closing usage chunk (`include_usage`), its
-    running usage on every chunk (`continuous_usage_stats`). per_prompt: choices per prompt of a
-    completions request (`n`; their index is prompt * n + choice), None for chat (one prompt)."""
-
-    usage: bool = True
-    running: bool = True
-    per_prompt: int | None = None
-
-
-_USAGE = ',"usage":{'
-_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
-_DECODER = json.JSONDecoder()
-
-
 class Accounting:
-    """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end."""
+    """The relay's tap: takes usage from the answer, fills the cache, records usage and metrics at the end.
+
+    prompt_estimate: the prompt's tokens as estimated for the reservation, billed for a stream cut before
+    the engine reported its prompt's tokens (or from an engine that reports none)."""
 
     def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
-                 shows: Shown, cache_key: str | None):
+                 cache_key: str | None, prompt_estimate: int = 0):
         self.svc, self.admission, self.model, self.watch, self.route = svc, admission, model, watch, route
-        self.shows = shows
         self.cache_key = cache_key
         self.assembler = StreamAssembler(route) if cache_key else None
         # bookkeeping the client must be able to rely on once it has the answer (a stored response it may
         # continue at once): the relay waits for it before sending the next chunk, routes before the body
         self.saving: asyncio.Future | None = None
         self.usage: dict[str, Any] | None = None
-        self.events = 0  # streamed events with output, to count tokens of a stream cut before its usage chunk
-        self.prompts: dict[int, int] = {}  # prompt -> its tokens, from a stream's running usage
-        self.completions: dict[int, int] = {}  # choice index -> tokens so far, from the running usage
+        self.report: Usage | None = None  # the engine's last token counts of a stream
+        self.prompt_estimate = prompt_estimate
+        self.events = 0  # streamed events with output, to count tokens of a stream cut short
 
     def body(self, status: int, body: bytes) -> bytes:
         """A non-streamed answer: its usage is settled; returns the body the client gets (`answered`)."""
@@ -77,58 +62,45 @@ class Accounting:
         """The in-band end of a stream that fails after it started (the relay sends it)."""
         return stream_error(SPECS[self.route].dialect, status, message, code)
 
+    def reported(self, usage: Usage) -> None:
+        self.report = usage
+
     def chunk(self, chunk: str) -> str:
         self.watch.chunk()
         self.events += chunk.count('"choices":[{')
         if self.assembler is not None:
             self.assembler.feed(chunk)
-        if _USAGE not in chunk:  # cheap test on every chunk
-            return chunk
-        return "\n\n".join(event for event in map(self._take_usage, chunk.split("\n\n")) if event is not None)
+        return chunk
 
-    def _take_usage(self, event: str) -> str | None:
-        """Notes the usage an event carries; returns the event as the client asked for it (None: not at all)."""
-        at = event.find(_USAGE)
-        if at < 0 or not event.startswith("data: {"):
-            return event
-        try:
-            usage, end = _DECODER.raw_decode(event, at + len(_USAGE) - 1)
-        except ValueError:
-            return event
-        if event.find('"choices":[]', 0, at) >= 0:  # vLLM's usage chunk, after the last choice chunk
-            self.usage = usage
-            return event if self.shows.usage else None
-        found = _INDEX.search(event, 0, at)
-        index = int(found.group(1)) if found else 0
-        prompt = 0 if self.shows.per_prompt is None else index // self.shows.per_prompt
-        self.prompts.setdefault(prompt, int(usage.get("prompt_tokens") or 0))
-        self.completions[index] = int(usage.get("completion_tokens") or 0)
-        return event if self.shows.running else event[:at] + event[end:]
+    def stream_usage(self) -> dict[str, Any] | None:
+        """A stream's usage: the engine's final counts; for a stream cut short (or an engine that reports
+        none) the prompt's tokens as reported (else estimated) and one token per event sent."""
+        report = self.report
+        if report is not None and report.final:
+            return report.as_openai()
+        if not self.events and report is None:
+            return None  # nothing reached the engine's output: nothing to bill
+        prompt = report.prompt_tokens if report is not None and report.prompt_tokens else self.prompt_estimate
+        completion = max(self.events, report.completion_tokens if report is not None else 0)
+        return Usage(prompt, completion).as_openai()
 
     def end(self) -> None:
-        if self.usage is None and (self.events or self.prompts):
-            # the stream ended before vLLM's usage chunk (client gone, engine failure): count what the running
-            # usage said so far, or one token per event sent, so that hanging up early escapes no token limit
-            completion = sum(self.completions.values()) if self.completions else self.events
-            prompt = sum(self.prompts.values())
-            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.usage is None:
+            self.usage = self.stream_usage()
         self.admission.settle(self.model, self.usage, cached=False)
         self.watch.finish(200, self.usage)  # releases the admission: after its usage is settled
         result = self.assembler.result() if self.assembler is not None else None
         if result is not None and self.cache_key:
+            if "usage" not in result and self.usage is not None:  # the client asked for none: the engine's
+                result["usage"] = self.usage
             self.svc.spawn(self.svc.cache.put(self.cache_key, json.dumps(result, separators=(",", ":")).encode()))
-
-
-def choices_per_prompt(payload: dict[str, Any]) -> int:
-    n = payload.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 class EventAccounting(Accounting):
     """The tap of a named-event stream (`event: <type>\\ndata: <json>`): the Responses API and Anthropic's
     Messages API. Usage comes from the stream's own events; for a stream cut short, the input tokens it
-    reported so far and one output token per text delta sent. `turn` (Responses): the stored-response
-    bookkeeping, whose response objects the client sees patched and whose final response is stored."""
+    (or the engine) reported so far and one output token per text delta sent. `turn` (Responses): the
+    stored-response bookkeeping, whose response objects the client sees patched and whose final response is stored."""
 
     # (usage events, delta event) per dialect: the Responses API ends with response.completed (or
     # .incomplete/.failed) carrying the response and its usage; Messages has its input tokens in
@@ -139,13 +111,10 @@ class EventAccounting(Accounting):
 
     def __init__(self, svc: Services, admission: Admission, model: str, route: Route, watch: Watch, *,
                  turn: Turn | None = None, owner: str = "", prompt_estimate: int = 0):
-        """prompt_estimate: the prompt's tokens as estimated for the reservation, billed for a stream cut
-        before the engine reported its input tokens (the Responses API reports them only at the end)."""
-        super().__init__(svc, admission, model, route, watch, shows=Shown(), cache_key=None)
+        super().__init__(svc, admission, model, route, watch, cache_key=None, prompt_estimate=prompt_estimate)
         self.spec: RouteSpec = SPECS[route]
         self.turn, self.owner = turn, owner
         self.input_tokens = 0
-        self.prompt_estimate = prompt_estimate
         self.output_tokens: int | None = None
         self._delta = self._DELTA.get(self.spec.dialect, "\0")
 
@@ -201,9 +170,13 @@ class EventAccounting(Accounting):
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}"
 
     def end(self) -> None:
-        if self.usage is None and (self.events or self.input_tokens or self.output_tokens):
-            output = self.output_tokens if self.output_tokens is not None else self.events
-            prompt = self.input_tokens or self.prompt_estimate
-            self.usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+        if self.usage is None and self.report is not None and self.report.final:
+            self.usage = self.report.as_openai()  # the stream ended without its terminal event
+        elif self.usage is None and (self.events or self.input_tokens or self.output_tokens or self.report):
+            reported = self.report.prompt_tokens if self.report is not None else 0
+            prompt = self.input_tokens or reported or self.prompt_estimate
+            output = self.output_tokens if self.output_tokens is not None else \
+                max(self.events, self.report.completion_tokens if self.report is not None else 0)
+            self.usage = Usage(prompt, output).as_openai()
         self.admission.settle(self.model, self.usage, cached=False)
         self.watch.finish(200, self.usage)

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply
+from serving.engine.protocol import EngineOverloaded, EngineUnavailable, Reply, Usage
 from serving.gateway.errors import APIError, engine_error_body, logger, stream_error
 
 DONE = "data: [DONE]\n\n"
@@ -36,25 +36,80 @@ class Tap(Protocol):
         """The in-band end of a stream that fails after it started, in the route's dialect."""
         ...
 
+    def reported(self, usage: Usage) -> None:
+        """The engine's token counts of the stream so far (protocol.Usage); never sent to the client."""
+        ...
+
     saving: asyncio.Future | None  # set: sent chunks wait for it (a stored response being written)
 
     def end(self) -> None: ...
 
 
-async def _next(stream: AsyncIterator[Reply | str], deadline: float) -> Reply | str:
+Item = Reply | str | Usage
+
+
+async def _next(stream: AsyncIterator[Item], deadline: float) -> Item:
     async with asyncio.timeout_at(deadline):
         return await anext(stream)
 
 
-async def _next_chunk(stream: AsyncIterator[Reply | str], deadline: float) -> str:
-    """The next SSE chunk of a stream: after its `Reply` an engine yields only strings."""
-    chunk = await _next(stream, deadline)
-    if not isinstance(chunk, str):
-        raise RuntimeError(f"engine protocol violation: stream item is {type(chunk).__name__}")
-    return chunk
+async def _first_chunk(stream: AsyncIterator[Item], deadline: float, tap: Tap) -> str:
+    """The first SSE chunk of a stream (the engine's Usage items before it go to the tap)."""
+    async with asyncio.timeout_at(deadline):
+        return await _chunk(stream, tap)
 
 
-async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap, dialect: str = "openai") -> Response:
+async def _chunk(stream: AsyncIterator[Item], tap: Tap) -> str:
+    """The next SSE chunk of a stream: after its `Reply` an engine yields only strings and Usage items,
+    which go to the tap."""
+    while True:
+        item = await anext(stream)
+        if type(item) is str:
+            return item
+        if not isinstance(item, Usage):
+            raise RuntimeError(f"engine protocol violation: stream item is {type(item).__name__}")
+        tap.reported(item)
+
+
+class Deadline:
+    """A stream's deadline, kept by one timer for the whole stream (asyncio.timeout per chunk would
+    schedule and cancel a timer for every token). It cancels the task only while that task waits for the
+    engine (`next`), which then raises TimeoutError, as asyncio.timeout would; once it has passed, the
+    next wait raises at once."""
+
+    def __init__(self, when: float):
+        self.when = when
+        self.expired = False
+        self._waiting: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _fire(self) -> None:
+        self.expired = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    async def next(self, stream: AsyncIterator[Item], tap: Tap) -> str:
+        if self.expired:
+            raise TimeoutError
+        task = asyncio.current_task()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self.when, self._fire)
+        self._waiting = task
+        try:
+            return await _chunk(stream, tap)
+        except asyncio.CancelledError:
+            if self.expired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None  # our cancellation, and no other pending: the deadline
+            raise
+        finally:
+            self._waiting = None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def answer(stream: AsyncIterator[Item], deadline: float, tap: Tap, dialect: str = "openai") -> Response:
     """Wait for the engine's first item (and first event of a stream) before sending headers.
     `dialect` (serving.gateway.specs): the envelope of the route's errors; only an "openai" stream has
     its error events in `data: {"error": ...}` form, which is looked for in its chunks."""
@@ -68,7 +123,7 @@ async def answer(stream: AsyncIterator[Reply | str], deadline: float, tap: Tap, 
                 return _masked(_parsed(reply.body), reply.status, dialect)
             return Response(tap.body(reply.status, reply.body or b""), status_code=reply.status,
                             media_type="application/json")
-        first = await _next_chunk(stream, deadline)
+        first = await _first_chunk(stream, deadline, tap)
     except TimeoutError:
         await close(stream)
         raise APIError(504, "The request timed out before the model answered.", code="timeout") from None
@@ -112,10 +167,11 @@ class EventStream(StreamingResponse):
                 await aclose()
 
 
-async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float, tap: Tap,
+async def _relay(first: str, stream: AsyncIterator[Item], deadline: float, tap: Tap,
                  dialect: str = "openai") -> AsyncIterator[str]:
     """Chunks go out the moment they arrive; failures after the first event go in-band."""
     mapped = _mask_errors if dialect == "openai" else _named_masker(dialect)
+    timer = Deadline(deadline)
     try:
         chunk = tap.chunk(mapped(first))
         while True:
@@ -125,7 +181,7 @@ async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float
             if chunk:
                 yield chunk
             try:
-                chunk = tap.chunk(mapped(await _next_chunk(stream, deadline)))
+                chunk = tap.chunk(mapped(await timer.next(stream, tap)))
             except StopAsyncIteration:
                 return
     except TimeoutError:
@@ -134,6 +190,7 @@ async def _relay(first: str, stream: AsyncIterator[Reply | str], deadline: float
         logger.warning("stream failed: %r", exc)
         yield tap.failure(503, "The model failed while streaming; retry the request.", "engine_error")
     finally:
+        timer.cancel()
         await close(stream)
         tap.end()
 

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from serving.config import GatewayConfig, ModelConfig
 from serving.engine.protocol import ROUTE_KINDS, Engine, Route
 from serving.gateway import schemas as request_schemas
-from serving.gateway.accounting import Accounting, EventAccounting, Shown, choices_per_prompt
+from serving.gateway.accounting import Accounting, EventAccounting
 from serving.gateway.affinity import affinity_key
 from serving.gateway.auth import Principal, api_key, client_address
 from serving.gateway.cache import fresh, replay
@@ -99,20 +99,14 @@ async def _serve(route: Route, request: Request, svc: Services, watch: Watch) ->
                 return EventStream(watch.replayed(replay(entry, route, include_usage)), headers=headers)
             return Response(fresh(entry, route), media_type="application/json", headers=headers)
     watch.cache_result(headers["x-cache"])
-    shows = Shown()
-    if stream and spec.dialect == "openai":
-        # usage is needed for token limits and accounting, also of a stream the client cuts short: vLLM's
-        # running usage gives its prompt tokens from the first chunk on. What the client did not ask for
-        # is taken out again.
-        running = include_usage and bool((options or {}).get("continuous_usage_stats"))
-        shows = Shown(usage=include_usage, running=running,
-                      per_prompt=None if route == "chat" else choices_per_prompt(payload))
-        payload["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
+    # a stream's usage (token limits, accounting, also of a stream the client cuts short) comes from the
+    # engine's token counts that travel with it (protocol.Usage): the client's stream_options stay its own
     salt(route, payload, principal, svc)  # after the response cache's key
     body = json.dumps(payload).encode()
     tap: Accounting
     if spec.dialect == "openai":
-        tap = Accounting(svc, admission, name, route, watch, shows=shows, cache_key=key if write else None)
+        tap = Accounting(svc, admission, name, route, watch, cache_key=key if write else None,
+                         prompt_estimate=prompt_estimate(body) if stream else 0)
     else:
         tap = EventAccounting(svc, admission, name, route, watch, turn=turn, owner=principal.subject,
                               prompt_estimate=prompt_estimate(body))
@@ -158,7 +152,7 @@ async def serve_line(route: Route, payload: dict[str, Any], principal: Principal
         body = json.dumps(payload).encode()
         admission = Admission(svc.limiter, principal, headers={}, spawn=svc.spawn, batch=True)
         watch = Watch(svc.metrics, route)  # never begun: batch lines are not in the interactive request metrics
-        tap: Accounting = Accounting(svc, admission, name, route, watch, shows=Shown(), cache_key=None) \
+        tap: Accounting = Accounting(svc, admission, name, route, watch, cache_key=None) \
             if spec.dialect == "openai" else EventAccounting(svc, admission, name, route, watch, turn=turn,
                                                              owner=principal.subject)
         timeout_s = svc.config.gateway.request_timeout_s

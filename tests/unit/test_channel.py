@@ -36,7 +36,7 @@ from serving.engine.channel import (
     encode_frames,
 )
 from serving.engine.fake import FakeEngine
-from serving.engine.protocol import Reply
+from serving.engine.protocol import Reply, Usage
 from serving.engine.remote import RemoteEngine
 from serving.engine.server import ModelServer
 from tests.support import RayCall, ReplicaHandle, wait_for
@@ -63,12 +63,18 @@ def chat(n: int, stream: bool = True, words: str = "one two three") -> bytes:
                        "stream": stream}).encode()
 
 
-async def collect(engine: Any, body: bytes, request_id: str) -> list:
+async def collect(engine: Any, body: bytes, request_id: str, usages: list | None = None) -> list:
     """The answer: its first item (a Reply) and the SSE text of the rest joined (the gateway may join
-    chunks that arrived together), `created` timestamps blanked (two runs may straddle a second)."""
+    chunks that arrived together), `created` timestamps blanked (two runs may straddle a second); the
+    token counts (Usage items) that came with it go to `usages`. A whole stream ends with its final counts."""
     items = [item async for item in engine.generate("chat", body, request_id)]
-    assert items and isinstance(items[0], Reply) and all(isinstance(item, str) for item in items[1:])
-    text = re.sub(r'"created": ?\d+', '"created":0', "".join(items[1:]))
+    assert items and isinstance(items[0], Reply) and all(isinstance(item, (str, Usage)) for item in items[1:])
+    text = re.sub(r'"created": ?\d+', '"created":0', "".join(i for i in items[1:] if isinstance(i, str)))
+    counts = [item for item in items[1:] if isinstance(item, Usage)]
+    if text.endswith("data: [DONE]\n\n"):
+        assert counts and counts[-1].final and not any(c.final for c in counts[:-1])
+    if usages is not None:
+        usages.extend(counts)
     return [items[0], text] if text else [items[0]]
 
 
@@ -103,8 +109,11 @@ async def test_answers_over_the_channel_equal_the_engines_own() -> None:
         await connected(client, server, remote)
         outbox = next(iter(server._channel._outboxes.values()))
         frames_before = outbox.frames
-        direct = await collect(FakeEngine("tiny"), chat(5), "r0")
-        via_channel = await collect(remote, chat(5), "r0")
+        direct_usages: list = []
+        channel_usages: list = []
+        direct = await collect(FakeEngine("tiny"), chat(5), "r0", direct_usages)
+        via_channel = await collect(remote, chat(5), "r0", channel_usages)
+        assert channel_usages == direct_usages == [Usage(3, 0), Usage(3, 5, final=True)]  # they cross it too
         assert outbox.frames > frames_before  # this one came over the connection
         assert first == direct and via_channel == direct  # same items: Reply, then the SSE events
         assert isinstance(via_channel[0], Reply) and via_channel[-1].endswith("data: [DONE]\n\n")
@@ -193,8 +202,9 @@ async def test_chunks_that_arrived_together_leave_as_one_item() -> None:
         stream = remote.generate("chat", chat(40), "slow-reader")
         assert isinstance(await anext(stream), Reply)
         await asyncio.sleep(0.3)  # the client is slow: the rest of the answer arrives meanwhile
+        assert await anext(stream) == Usage(3, 0)  # the prompt's counts, before the first chunk
         joined = await anext(stream)
-        rest = [item async for item in stream]
+        rest = [item async for item in stream if isinstance(item, str)]
         expected = (await collect(FakeEngine("tiny"), chat(40), "slow-reader"))[1]
         assert joined.count("data: ") > 10  # one write to the client, not one per event
         assert re.sub(r'"created": ?\d+', '"created":0', joined + "".join(rest)) == expected

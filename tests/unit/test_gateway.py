@@ -786,24 +786,17 @@ async def test_openapi_schema_lists_the_api(client: httpx.AsyncClient) -> None:
 
 # ------------------------------------------------------------------- usage of streams cut short
 
-# what vLLM 0.32 streams with stream_options {include_usage, continuous_usage_stats} (captured from
-# plain vLLM on the demo model; ids shortened): chat with n=2, and completions of two prompts
+# what vLLM 0.32 streams for chat with n=2 (captured from plain vLLM on the demo model; ids shortened)
 _CHAT_N2 = [
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}',
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"et"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":23,"completion_tokens":2,"completion_tokens_details":null}}',
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,"completion_tokens":1,"completion_tokens_details":null}}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"et"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"content":"u"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
 ]
-_COMPLETIONS_2 = [
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":1,"text":"W","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1}}',
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"H","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":9,"completion_tokens":1}}',
-    '{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"it","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":8,"total_tokens":10,"completion_tokens":2}}',
-]
-_FINAL = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":21,"total_tokens":27,"completion_tokens":6},"system_fingerprint":"vllm-0.32.0"}'  # noqa: E501
 
 
-def _accounting(route: str, shows) -> tuple[Any, list]:
+def _accounting(route: str, prompt_estimate: int = 0) -> tuple[Any, list]:
     from types import SimpleNamespace
 
     from serving.gateway.metrics import GatewayMetrics, PrometheusBackend
@@ -817,56 +810,59 @@ def _accounting(route: str, shows) -> tuple[Any, list]:
     metrics = GatewayMetrics(PrometheusBackend())
     svc = SimpleNamespace(metrics=metrics, spawn=lambda coro: asyncio.get_running_loop().create_task(coro))
     admission = SimpleNamespace(settle=settle)
-    return Accounting(svc, admission, "m", route, Watch(metrics, route), shows=shows, cache_key=None), recorded
+    tap = Accounting(svc, admission, "m", route, Watch(metrics, route), cache_key=None,
+                     prompt_estimate=prompt_estimate)
+    return tap, recorded
 
 
-def _sent(tap, events: list[str], per_chunk: int = 1) -> list[dict]:
+def _sent(tap, events: list[str], per_chunk: int = 1) -> list[str]:
     """Feed vLLM's events to the tap (`per_chunk` of them joined, as the relay batches them); what the client gets."""
     out = []
     for i in range(0, len(events), per_chunk):
-        chunk = tap.chunk("".join(f"data: {e}\n\n" for e in events[i:i + per_chunk]))
-        assert chunk == "" or (chunk.startswith("data: {") and chunk.endswith("}\n\n"))  # SSE framing kept
-        out.extend(json.loads(event[len("data: "):]) for event in chunk.split("\n\n") if event)
+        chunk = "".join(f"data: {e}\n\n" for e in events[i:i + per_chunk])
+        assert tap.chunk(chunk) == chunk  # the tap looks, never rewrites: the client gets vLLM's bytes
+        out.append(chunk)
     return out
 
 
 @pytest.mark.parametrize("per_chunk", [1, 2])
-async def test_a_cut_chat_stream_counts_its_prompt_once_and_the_tokens_of_each_choice(per_chunk) -> None:
-    from serving.gateway.routes import Shown
+async def test_a_cut_stream_counts_the_reported_prompt_and_one_token_per_event_sent(per_chunk) -> None:
+    from serving.engine.protocol import Usage
 
-    tap, recorded = _accounting("chat", Shown(usage=False, running=False, per_prompt=None))
-    sent = _sent(tap, _CHAT_N2, per_chunk)
-    # the client asked for no usage: the events are vLLM's without continuous_usage_stats
-    assert sent == [{k: v for k, v in json.loads(e).items() if k != "usage"} for e in _CHAT_N2]
-    tap.end()  # the client hung up before vLLM's usage chunk
+    tap, recorded = _accounting("chat", prompt_estimate=99)
+    tap.reported(Usage(21, 0))  # the engine's counts once the prompt was tokenized
+    _sent(tap, _CHAT_N2, per_chunk)
+    tap.end()  # the client hung up before the stream's end
     await asyncio.sleep(0)
-    # one prompt for both choices; choice 0 got 2 tokens, choice 1 one
-    assert recorded == [{"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24}]
+    # the prompt as the engine counted it (not the estimate); 5 events with output reached the client
+    assert recorded == [{"prompt_tokens": 21, "completion_tokens": 5, "total_tokens": 26}]
 
 
-async def test_a_cut_completions_stream_counts_every_prompt() -> None:
-    from serving.gateway.routes import Shown
-
-    tap, recorded = _accounting("completion", Shown(usage=True, running=False, per_prompt=1))
-    sent = _sent(tap, _COMPLETIONS_2)
-    assert [e["choices"][0]["text"] for e in sent] == ["W", "H", "it"] and all("usage" not in e for e in sent)
+async def test_a_cut_stream_without_engine_counts_bills_the_prompt_estimate() -> None:
+    tap, recorded = _accounting("completion", prompt_estimate=12)
+    _sent(tap, _CHAT_N2[2:4])
     tap.end()
     await asyncio.sleep(0)
-    assert recorded == [{"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}]
+    assert recorded == [{"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}]
 
 
-async def test_a_whole_stream_counts_vllms_usage_chunk_and_shows_what_was_asked() -> None:
-    from serving.gateway.routes import Shown
+async def test_a_whole_stream_counts_the_engines_final_counts() -> None:
+    from serving.engine.protocol import Usage
 
-    for shows, usage_events in ((Shown(usage=True, running=True), len(_CHAT_N2) + 1),
-                                (Shown(usage=True, running=False), 1), (Shown(usage=False, running=False), 0)):
-        tap, recorded = _accounting("chat", shows)
-        sent = _sent(tap, [*_CHAT_N2, _FINAL], per_chunk=3)
-        assert sum("usage" in e for e in sent) == usage_events
-        assert len(sent) == len(_CHAT_N2) + (1 if shows.usage else 0)
-        tap.end()
-        await asyncio.sleep(0)
-        assert recorded == [json.loads(_FINAL)["usage"]]
+    tap, recorded = _accounting("chat", prompt_estimate=99)
+    tap.reported(Usage(21, 0))
+    _sent(tap, _CHAT_N2, per_chunk=3)
+    tap.reported(Usage(21, 6, final=True))
+    tap.end()
+    await asyncio.sleep(0)
+    assert recorded == [{"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27}]
+
+
+async def test_a_stream_that_reached_no_output_bills_nothing() -> None:
+    tap, recorded = _accounting("chat", prompt_estimate=99)
+    tap.end()
+    await asyncio.sleep(0)
+    assert recorded == [None]
 
 
 @pytest.mark.parametrize("header", ["x-stainless-read-timeout", "x-stainless-timeout"])
