@@ -4,13 +4,17 @@
     python -m loadtests.bench --fake                # gateway alone vs the Ray Serve app, fake engine:
                                                     # only the gateway / Ray path overhead
     python -m loadtests.bench --rounds 2 --concurrency 1,16 --out results/bench
+    python -m loadtests.bench --client vllm         # the load from vLLM's own client (`vllm bench serve`)
 
 Each server is started, warmed up, driven at every concurrency (closed loop: `c` clients, each
 sending its next request when the last one ended), then stopped before the next one starts (a vLLM
 engine spins a core for about a second after its last work; this machine has two). The workload is
 streamed chat with `ignore_eos` (every answer exactly --max-tokens long) on prompts generated per
 request index, identical for both servers. The load generator is asyncio + aiohttp; each SSE line is
-timestamped as it arrives: TTFT is the first chunk carrying text, ITL every gap between such chunks.
+timestamped as it arrives: TTFT is the first chunk carrying text, ITL every gap between such chunks, and
+`glued` the share of those gaps under GLUED_MS (tokens that reach the reader stuck to the one before).
+With `--client vllm` the load comes from vLLM's own benchmark client instead (what `vllm bench serve`
+runs; random prompts of --input-tokens tokens, the model's tokenizer), in this process, level by level.
 
 Prints, and writes to OUT/bench.md and OUT/bench.json, per concurrency: requests/s, output tokens/s,
 TTFT p50/p95, ITL p50/p95 for both servers and their ratios, with the goals checked (throughput
@@ -43,6 +47,7 @@ from loadtests.workload import WORDS
 from serving.compare import Measured, StreamMeter, auth_headers, measure_body
 
 GOALS = {"throughput_ratio_min": 0.97, "throughput_levels": (16, 64), "ttft_p50_delta_ms_max": 3.0}
+GLUED_MS = 0.5  # an inter-token gap shorter than this: the token arrived with the one before
 
 
 # ------------------------------------------------------------------------------------ load
@@ -62,6 +67,7 @@ class Level:
     itl_p95_ms: float | None
     tpot_p50_ms: float | None
     latency_p50_ms: float | None
+    glued_pct: float | None = None  # share of inter-token gaps under GLUED_MS, percent
     errors: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the level, by process role
 
@@ -132,7 +138,36 @@ def summarize(concurrency: int, results: list[Measured], duration: float) -> Lev
                  output_tokens_per_s=sum(r.output_tokens for r in ok) / duration,
                  ttft_p50_ms=_p(ttft, 50), ttft_p95_ms=_p(ttft, 95), itl_p50_ms=_p(itl, 50), itl_p95_ms=_p(itl, 95),
                  tpot_p50_ms=_p(tpot, 50), latency_p50_ms=_p([r.latency * 1000 for r in ok if r.latency], 50),
-                 errors=errors)
+                 glued_pct=100 * sum(g < GLUED_MS for g in itl) / len(itl) if itl else None, errors=errors)
+
+
+def vllm_client_level(base_url: str, model: str, tokenizer: str, concurrency: int, count: int,
+                      args: argparse.Namespace, api_key: str | None) -> Level:
+    """One level driven by vLLM's own benchmark client (vllm.benchmarks.serve, what `vllm bench serve` runs),
+    streamed chat, random prompts of --input-tokens tokens, --max-tokens output tokens (ignore_eos)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as vllm_bench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args([
+        "--backend", "openai-chat", "--base-url", base_url.removesuffix("/v1"), "--endpoint", "/v1/chat/completions",
+        "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
+        "--random-input-len", str(args.input_tokens), "--random-output-len", str(args.max_tokens), "--ignore-eos",
+        "--num-prompts", str(count), "--max-concurrency", str(concurrency), "--seed", str(concurrency),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95", "--disable-tqdm"])
+    if api_key:
+        os.environ["OPENAI_API_KEY"] = api_key  # how vLLM's client sends a bearer key
+    result = vllm_bench(bench_args)
+    failed = int(result.get("failed") or 0)
+    errors = sorted({e for e in result.get("errors", []) if e})[:5]
+    return Level(concurrency=concurrency, requests=int(result["completed"]) + failed, failures=failed,
+                 duration_s=round(float(result["duration"]), 3), requests_per_s=float(result["request_throughput"]),
+                 output_tokens_per_s=float(result["output_throughput"]), ttft_p50_ms=result.get("median_ttft_ms"),
+                 ttft_p95_ms=result.get("p95_ttft_ms"), itl_p50_ms=result.get("median_itl_ms"),
+                 itl_p95_ms=result.get("p95_itl_ms"), tpot_p50_ms=result.get("median_tpot_ms"),
+                 latency_p50_ms=result.get("median_e2el_ms"), errors=errors)
 
 
 def _loop_runner():
@@ -161,16 +196,20 @@ def run_levels(base_url: str, model: str, args: argparse.Namespace, api_key: str
         payloads = bodies(model, c * 100_000, count, input_words=args.input_words, max_tokens=args.max_tokens)
         time.sleep(args.pause)  # let the engine's busy loop from the last level wind down
         cpu_before, client_before = servers.cpu_seconds(sid) if sid else {}, _client_cpu()
-        results, duration = run(drive(base_url, payloads, c, api_key))
+        if args.client == "vllm":
+            levels[c] = vllm_client_level(base_url, model, args.tokenizer, c, count, args, api_key)
+        else:
+            results, duration = run(drive(base_url, payloads, c, api_key))
+            levels[c] = summarize(c, results, duration)
         cpu_after, client_after = servers.cpu_seconds(sid) if sid else {}, _client_cpu()
-        levels[c] = summarize(c, results, duration)
         lv = levels[c]
+        duration = lv.duration_s
         lv.cpu_s = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()
                     if v - cpu_before.get(k, 0.0) > 0}
         lv.cpu_s["load generator"] = round(client_after - client_before, 2)
         print(f"  c={c:<3} {lv.requests_per_s:7.2f} req/s {lv.output_tokens_per_s:8.1f} tok/s  TTFT p50 "
               f"{_ms(lv.ttft_p50_ms)} p95 {_ms(lv.ttft_p95_ms)}  ITL p50 {_ms(lv.itl_p50_ms)} p95 {_ms(lv.itl_p95_ms)}"
-              f"  failures {lv.failures}/{lv.requests}", flush=True)
+              f"  glued {_pct(lv.glued_pct)}  failures {lv.failures}/{lv.requests}", flush=True)
         print("        CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(lv.cpu_s.items())) +
               f" (in {duration:.1f} s wall, {os.cpu_count()} CPUs)", flush=True)
         for error in lv.errors:
@@ -233,6 +272,7 @@ def server_factories(args: argparse.Namespace, out: Path) -> tuple[list[tuple[st
     # it: give plain vLLM the same, or the two engines run different numbers of torch threads
     threads = model.env.get("OMP_NUM_THREADS") or str(max(1, math.floor(model.resources.cpus)))
     base_env = {"OMP_NUM_THREADS": threads, **base_env}
+    args.tokenizer = model.source  # vLLM's client tokenizes its random prompts with the model's tokenizer
     args.engine_note = (f"{model.name} on {engine_package()}, "
                         f"both engines with OMP_NUM_THREADS={base_env['OMP_NUM_THREADS']}")
     return ([("plain vLLM", lambda: servers.plain_vllm(model, servers.free_port(), out / "plain-vllm.log", base_env)),
@@ -286,6 +326,10 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f} %"
+
+
 def median_levels(runs: list[dict[int, Level]]) -> dict[int, Level]:
     """Element-wise median of several rounds (a single round is returned as is)."""
     if len(runs) <= 1:
@@ -320,8 +364,8 @@ def _delta(ours: float | None, theirs: float | None) -> str:
 
 
 def table(base_label: str, base: dict[int, Level], ours: dict[int, Level]) -> str:
-    head = ("| c | server | req/s | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | failures |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| c | server | req/s | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | glued | "
+            "failures |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [head]
     for c in base:
         for label, lv in ((base_label, base[c]), ("platform", ours.get(c) if ours else None)):
@@ -329,13 +373,14 @@ def table(base_label: str, base: dict[int, Level], ours: dict[int, Level]) -> st
                 continue
             rows.append(f"| {c} | {label} | {lv.requests_per_s:.2f} | {lv.output_tokens_per_s:.1f} | "
                         f"{_ms(lv.ttft_p50_ms)} | {_ms(lv.ttft_p95_ms)} | "
-                        f"{_ms(lv.itl_p50_ms)} | {_ms(lv.itl_p95_ms)} | {lv.failures}/{lv.requests} |")
+                        f"{_ms(lv.itl_p50_ms)} | {_ms(lv.itl_p95_ms)} | {_pct(lv.glued_pct)} | "
+                        f"{lv.failures}/{lv.requests} |")
         if c in ours:
             b, o = base[c], ours[c]
             rows.append(f"| {c} | **platform / {base_label}** | **{_ratio(o.requests_per_s, b.requests_per_s)}** | "
                         f"**{_ratio(o.output_tokens_per_s, b.output_tokens_per_s)}** | "
                         f"{_delta(o.ttft_p50_ms, b.ttft_p50_ms)} | {_delta(o.ttft_p95_ms, b.ttft_p95_ms)} | "
-                        f"{_delta(o.itl_p50_ms, b.itl_p50_ms)} | {_delta(o.itl_p95_ms, b.itl_p95_ms)} | |")
+                        f"{_delta(o.itl_p50_ms, b.itl_p50_ms)} | {_delta(o.itl_p95_ms, b.itl_p95_ms)} | | |")
     return "\n".join(rows)
 
 
@@ -398,6 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=8, help="requests before the first level, not counted")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
     p.add_argument("--input-words", type=int, default=32, help="words per generated prompt")
+    p.add_argument("--client", choices=["bench", "vllm"], default="bench",
+                   help="load generator: this module's (default) or vLLM's own benchmark client (`vllm bench serve`)")
+    p.add_argument("--input-tokens", type=int, default=64, help="--client vllm: prompt tokens (random dataset)")
     p.add_argument("--rounds", type=int, default=1, help="repeat both servers, alternating order; medians reported")
     p.add_argument("--pause", type=float, default=2.0, help="seconds between levels and servers")
     p.add_argument("--fake", action="store_true", help="fake engine: the gateway alone vs the Ray Serve app")
@@ -415,6 +463,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default: demo-chat as `serving up` runs it); e.g. loadtests/models/llama-8b-shape.yaml on a GPU")
     p.add_argument("--out", type=Path, help="directory for bench.md, bench.json and server logs")
     args = p.parse_args(argv)
+    if args.fake and args.client == "vllm":
+        p.error("--client vllm needs a real model's tokenizer: leave out --fake")
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
 
@@ -446,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"`{command.strip()}` — {time.strftime('%Y-%m-%d %H:%M')}, git {rev or '?'} (+ working tree), "
               f"{host_platform.machine()} {os.cpu_count()} CPUs, Python {host_platform.python_version()}, "
               f"{engine}, "
-              f"{args.max_tokens} output tokens (ignore_eos), {args.input_words}-word prompts, {args.rounds} round(s)"
+              f"{args.max_tokens} output tokens (ignore_eos), "
+              + (f"vLLM's benchmark client, random {args.input_tokens}-token prompts" if args.client == "vllm"
+                 else f"{args.input_words}-word prompts") + f", {args.rounds} round(s)"
               + (f", platform env {' '.join(args.platform_env)}" if args.platform_env else "")
               + (f", plain vLLM env {' '.join(args.baseline_env)}" if args.baseline_env else "")
               + (", platform measured on the gateway replica's own port (direct ingress)" if args.direct else ""))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+GLUED_MS = 0.5  # an inter-token gap shorter than this: the token reached the reader with the one before
 
 
 def read_csvs(pattern: str) -> list[dict[str, str]]:
@@ -62,6 +63,8 @@ def summarize(requests: list[dict[str, str]], itl: list[dict[str, str]]) -> list
         for name, values in (("ttft_ms", _floats(ok, "ttft_ms")), ("itl_ms", gaps), ("tpot_ms", _floats(ok, "tpot_ms")),
                              ("latency_ms", _floats(ok, "latency_ms"))):
             row.update({f"{name}_{k}": v for k, v in _pcts(values).items()})
+        # how smoothly text reaches the reader: tokens that arrive glued to the one before come in bursts
+        row["glued_pct"] = 100 * float((gaps < GLUED_MS).mean()) if len(gaps) else None
         tps = _floats(ok, "tokens_per_s")
         row["tokens_per_s_per_request_mean"] = float(tps.mean()) if len(tps) else None
         out.append(row)
@@ -183,7 +186,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     cols = [("kind", "kind"), ("model", "model"), ("requests", "requests"), ("failures", "failures"),
             ("requests_per_s", "req/s"), ("output_tokens_per_s", "out tok/s"), ("ttft_ms_p50", "TTFT p50 ms"),
             ("ttft_ms_p99", "TTFT p99 ms"), ("itl_ms_p50", "ITL p50 ms"), ("itl_ms_p99", "ITL p99 ms"),
-            ("tpot_ms_p50", "TPOT p50 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms")]
+            ("glued_pct", f"gaps < {GLUED_MS} ms %"), ("tpot_ms_p50", "TPOT p50 ms"),
+            ("latency_ms_p50", "latency p50 ms"),
+            ("latency_ms_p99", "latency p99 ms")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(row[c[0]]) for c in cols) + " |" for row in summary]
     return "\n".join(lines)

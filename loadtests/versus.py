@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.report import _bucket_width, _floats, _fmt, _tokens_over_time, read_csvs, summarize
+from loadtests.report import GLUED_MS, _bucket_width, _floats, _fmt, _tokens_over_time, read_csvs, summarize
 
 THROUGHPUT = (("requests_per_s", "req/s"), ("output_tokens_per_s", "out tok/s"))
 LATENCY = (("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("itl_ms_p50", "ITL p50 ms"),
            ("itl_ms_p99", "ITL p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"))
+SMOOTHNESS = (("glued_pct", f"gaps < {GLUED_MS} ms %"),)  # compared in points
 
 
 def load_run(directory: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -51,22 +52,24 @@ def compare(runs: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) 
             if name != first:
                 for key, _ in THROUGHPUT:
                     row[f"vs_{key}"] = row[key] / base[key] if base[key] else None
-                for key, _ in LATENCY:
-                    known = row[key] is not None and base[key] is not None
+                for key, _ in LATENCY + SMOOTHNESS:
+                    known = row.get(key) is not None and base.get(key) is not None
                     row[f"vs_{key}"] = (row[key] - base[key]) if known else None
             rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], first: str) -> str:
-    cols = [("kind", "kind"), ("run", "run"), ("requests", "requests"), ("failures", "failures"), *THROUGHPUT, *LATENCY]
+    cols = [("kind", "kind"), ("run", "run"), ("requests", "requests"), ("failures", "failures"), *THROUGHPUT, *LATENCY,
+            *SMOOTHNESS]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c[0]]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c[0])) for c in cols) + " |")
         if "vs_requests_per_s" in row:
             cells = ["", f"**{row['run']} / {first}**", "", ""]
             cells += [f"**{row[f'vs_{k}']:.3f}x**" if row[f"vs_{k}"] is not None else "–" for k, _ in THROUGHPUT]
             cells += [f"{row[f'vs_{k}']:+.1f} ms" if row[f"vs_{k}"] is not None else "–" for k, _ in LATENCY]
+            cells += [f"{row[f'vs_{k}']:+.1f} points" if row[f"vs_{k}"] is not None else "–" for k, _ in SMOOTHNESS]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

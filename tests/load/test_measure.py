@@ -106,13 +106,15 @@ def test_report_summary_from_samples(tmp_path):
             "101.0,101.1,U,chat-stream,m,0,boom,500,100,,,,,,"]
     (tmp_path / "run_llm_requests.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "run_llm_itl.csv").write_text("time,kind,model,itl_ms\n"
-                                              "100.2,chat-stream,m,10\n100.3,chat-stream,m,20\n")
+                                              "100.2,chat-stream,m,10\n100.3,chat-stream,m,20\n"
+                                              "100.31,chat-stream,m,0.2\n")
     summary, files = report.build(prefix)
     row = summary[0]
     assert (row["kind"], row["model"], row["requests"], row["failures"]) == ("chat-stream", "m", 3, 1)
     assert row["duration_s"] == pytest.approx(1.2) and row["output_tokens"] == 82
     assert row["output_tokens_per_s"] == pytest.approx(82 / 1.2) and row["ttft_ms_p50"] == pytest.approx(200)
-    assert row["itl_ms_p50"] == pytest.approx(15) and summary[-1]["kind"] == "all"
+    assert row["itl_ms_p50"] == pytest.approx(10) and summary[-1]["kind"] == "all"
+    assert row["glued_pct"] == pytest.approx(100 / 3)  # one gap of three under 0.5 ms: a token glued to the last
     assert {f.name for f in files} >= {"llm_summary.csv", "ttft.png", "itl.png", "throughput.png", "latency.png"}
 
 
@@ -145,6 +147,7 @@ def test_bench_load_generator_on_the_fake_gateway(fake_gateway):
     assert lv.output_tokens_per_s == pytest.approx(120 / duration)
     assert FAKE_A["ttft_s"] * 1000 <= lv.ttft_p50_ms < 300
     assert FAKE_A["itl_s"] * 1000 * 0.8 <= lv.itl_p50_ms < 100
+    assert lv.glued_pct is not None and lv.glued_pct < 50  # the fake engine spaces its tokens by itl_s
     bad, _ = bench._loop_runner()(bench.drive(fake_gateway, payloads[:2], 2, "wrong-key-0123456789"))
     assert [r.error.startswith("HTTP 401") for r in bad] == [True, True]
 
@@ -191,3 +194,17 @@ def test_bench_serves_the_model_of_a_model_file_to_both_servers(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_bench_drives_a_server_with_vllms_own_client(fake_gateway, tmp_path):
+    """`--client vllm`: vLLM's benchmark client (what `vllm bench serve` runs) streams chat from the server and
+    its results become a level of the table (the demo model's tokenizer makes its random prompts)."""
+    from serving.demo import ensure_demo
+    from tests.load.conftest import TEST_KEY
+
+    model_dir, _ = ensure_demo(tmp_path / "models")
+    args = bench.parse_args(["--client", "vllm", "--input-tokens", "16", "--max-tokens", "10"])
+    lv = bench.vllm_client_level(fake_gateway, "fake-a", str(model_dir), 4, 12, args, TEST_KEY)
+    assert (lv.requests, lv.failures) == (12, 0)
+    assert lv.requests_per_s > 0 and lv.output_tokens_per_s > 0
+    assert lv.ttft_p50_ms is not None and lv.ttft_p50_ms > 0 and lv.itl_p50_ms is not None
