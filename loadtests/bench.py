@@ -17,9 +17,10 @@ With `--client vllm` the load comes from vLLM's own benchmark client instead (wh
 runs; random prompts of --input-tokens tokens, the model's tokenizer), in this process, level by level.
 
 Prints, and writes to OUT/bench.md and OUT/bench.json, per concurrency: requests/s, output tokens/s,
-TTFT p50/p95, ITL p50/p95 for both servers and their ratios, with the goals checked (throughput
->= 0.97x at c=16 and c=64, TTFT p50 at c=1 at most 3 ms above plain vLLM), the machine load and the
-engine processes running on the machine.
+TTFT p50/p95, ITL p50/p95 for both servers and their ratios, CPU milliseconds per output token by
+process, with the goals checked (GOALS: throughput >= 0.9x at c=16 and c=64, TTFT p50 at c=1 at most
+3 ms above plain vLLM, the serving processes' CPU per token at c=64 at most 1.5x plain vLLM's API
+server's), the machine load and the engine processes running on the machine.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ from loadtests import servers
 from loadtests.workload import WORDS
 from serving.compare import Measured, StreamMeter, auth_headers, measure_body
 
-GOALS = {"throughput_ratio_min": 0.97, "throughput_levels": (16, 64), "ttft_p50_delta_ms_max": 3.0}
+GOALS = {"throughput_ratio_min": 0.9, "throughput_levels": (16, 64), "ttft_p50_delta_ms_max": 3.0,
+         "serving_cpu_ratio_max": 1.5, "serving_cpu_level": 64}
+# the processes that serve (everything but the engine and the load generator), per server
+SERVING_ROLES = {"plain vLLM": ("vLLM API server",), "platform": ("gateway", "model replica", "ray other", "proxy",
+                                                                  "other")}
 GLUED_MS = 0.5  # an inter-token gap shorter than this: the token arrived with the one before
 
 
@@ -391,11 +396,25 @@ def goals(base: dict[int, Level], ours: dict[int, Level]) -> list[tuple[str, boo
             ratio = ours[c].output_tokens_per_s / base[c].output_tokens_per_s
             out.append((f"c={c}: output throughput {ratio:.3f}x (goal >= {GOALS['throughput_ratio_min']}x)",
                         ratio >= GOALS["throughput_ratio_min"]))
+    c = GOALS["serving_cpu_level"]
+    if c in base and c in ours and base[c].cpu_s and ours[c].cpu_s:
+        theirs = serving_cpu_ms(base[c], SERVING_ROLES["plain vLLM"])
+        mine = serving_cpu_ms(ours[c], SERVING_ROLES["platform"])
+        if theirs:
+            ratio = mine / theirs
+            out.append((f"c={c}: serving layer CPU {mine:.3f} vs {theirs:.3f} ms per output token, {ratio:.2f}x "
+                        f"(goal <= {GOALS['serving_cpu_ratio_max']}x)", ratio <= GOALS["serving_cpu_ratio_max"]))
     if 1 in base and 1 in ours and base[1].ttft_p50_ms is not None and ours[1].ttft_p50_ms is not None:
         delta = ours[1].ttft_p50_ms - base[1].ttft_p50_ms
         out.append((f"c=1: TTFT p50 {delta:+.1f} ms (goal <= +{GOALS['ttft_p50_delta_ms_max']:.0f} ms)",
                     delta <= GOALS["ttft_p50_delta_ms_max"]))
     return out
+
+
+def serving_cpu_ms(level: Level, roles: tuple[str, ...]) -> float:
+    """CPU milliseconds per output token of the serving processes `roles` in a level."""
+    tokens = level.output_tokens_per_s * level.duration_s or 1.0
+    return sum(level.cpu_s.get(role, 0.0) for role in roles) * 1000 / tokens
 
 
 def cpu_table(base_label: str, base: dict[int, Level], ours: dict[int, Level]) -> str:

@@ -207,13 +207,33 @@ async def _via_call(channel: ChannelClient | None, first: Any, items: AsyncItera
 
 
 async def _via_channel(channel: ChannelClient, request_id: str, accepted: Accepted, items: AsyncIterator[Any],
-                       queue: asyncio.Queue, watcher: list[asyncio.Task]) -> AsyncIterator[Any]:
-    """The answer over the direct stream, while the call is followed to its end (a replica that dies
-    fails the request: _watch)."""
+                       queue: asyncio.Queue, watcher: list[asyncio.Task]) -> AsyncIterator[Reply | str | Usage]:
+    """The answer over the direct stream, up to END, while the call is followed to its end (a replica that
+    dies fails the request: _watch). Chunks that arrived together leave as one item (one write to the
+    client); token counts that arrived among them go first."""
     channel.bind(request_id, accepted.address)
     task = asyncio.create_task(_watch(items, queue))
     watcher.append(task)
-    async for got in _from_channel(queue):
+    held = None
+    while True:
+        got = held if held is not None else await queue.get()
+        held = None
+        if isinstance(got, Failed):
+            raise RuntimeError(got.message)
+        if isinstance(got, str):
+            if got == END:
+                break
+            parts = [got]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if isinstance(nxt, Usage):
+                    yield nxt
+                    continue
+                if not isinstance(nxt, str) or nxt == END:
+                    held = nxt
+                    break
+                parts.append(nxt)
+            got = "".join(parts) if len(parts) > 1 else got
         yield got
     _WATCHERS.add(task)  # the call ends by itself right after; no need to wait for it
     task.add_done_callback(_WATCHERS.discard)
@@ -225,29 +245,6 @@ _WATCHERS: set[asyncio.Task] = set()
 def _log_failure(refresh: asyncio.Future) -> None:
     if not refresh.cancelled() and refresh.exception() is not None:  # waiters see it; a background one is logged
         logger.warning("asking Ray Serve's controller for running replicas failed: %r", refresh.exception())
-
-
-async def _from_channel(queue: asyncio.Queue) -> AsyncIterator[Reply | str | Usage]:
-    """One request's items as its direct stream delivers them, up to END; chunks that arrived
-    together leave as one item (one write to the client)."""
-    held = None
-    while True:
-        got = held if held is not None else await queue.get()
-        held = None
-        if isinstance(got, Failed):
-            raise RuntimeError(got.message)
-        if isinstance(got, str):
-            if got == END:
-                return
-            parts = [got]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if not isinstance(nxt, str) or nxt == END:
-                    held = nxt
-                    break
-                parts.append(nxt)
-            got = "".join(parts) if len(parts) > 1 else got
-        yield got
 
 
 async def _watch(items: AsyncIterator[Any], queue: asyncio.Queue) -> None:

@@ -24,9 +24,8 @@ import heapq
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger("serving.gateway")
 
@@ -620,17 +619,24 @@ class Resilient:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if not self.available:
             raise StoreUnavailable("skipped: the store failed recently")
-        async with self._turn():
-            try:
-                return await asyncio.wait_for(getattr(self.store, method)(*args, **kwargs), self.timeout_s)
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except TimeoutError as exc:  # this call goes on without the store; the breaker waits for a ping
-                self._check_alive(method, exc)
-                raise StoreUnavailable(f"{method} timed out") from exc
-            except Exception as exc:  # any store failure means: go on without it (re-raised as StoreUnavailable)
-                self._failed(method, exc)
-                raise StoreUnavailable(str(exc)) from exc
+        turns = self._turns
+        if turns is not None:
+            await self._take_turn(turns)
+        try:
+            # asyncio.timeout, not wait_for: no task per call (every request makes several)
+            async with asyncio.timeout(self.timeout_s):
+                return await getattr(self.store, method)(*args, **kwargs)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except TimeoutError as exc:  # this call goes on without the store; the breaker waits for a ping
+            self._check_alive(method, exc)
+            raise StoreUnavailable(f"{method} timed out") from exc
+        except Exception as exc:  # any store failure means: go on without it (re-raised as StoreUnavailable)
+            self._failed(method, exc)
+            raise StoreUnavailable(str(exc)) from exc
+        finally:
+            if turns is not None:
+                turns.release()
 
     def _failed(self, method: str, exc: BaseException) -> None:
         self.errors += 1
@@ -655,20 +661,17 @@ class Resilient:
 
         self._probe = asyncio.get_running_loop().create_task(probe())
 
-    @asynccontextmanager
-    async def _turn(self) -> AsyncIterator[None]:
-        if self._turns is None:
-            yield
+    async def _take_turn(self, turns: asyncio.Semaphore) -> None:
+        """A turn within `wait_s` (StoreBusy otherwise); a free one is taken without a timer."""
+        if not turns.locked():
+            await turns.acquire()
             return
         try:
-            await asyncio.wait_for(self._turns.acquire(), self.wait_s)
+            async with asyncio.timeout(self.wait_s):
+                await turns.acquire()
         except TimeoutError:
             self.busy += 1
             raise StoreBusy(f"no free connection within {self.wait_s}s") from None
-        try:
-            yield
-        finally:
-            self._turns.release()
 
     async def close(self) -> None:
         await self.store.close()
