@@ -108,6 +108,48 @@ async def test_a_stream_cut_short_counts_its_prompt_tokens(platform, redis_serve
     assert 3 <= counts["completion_tokens"] - 1 < 1000
 
 
+async def _usage_of(redis_server, key: str, requests: int) -> dict:
+    """The key's recorded usage of demo-chat once `requests` requests are in (usage is recorded after the answer)."""
+    store = _store(redis_server)
+    try:
+        deadline = time.monotonic() + 10
+        counts: dict = {}
+        while time.monotonic() < deadline:
+            counts = next(iter((await store.usage_get(digest(key))).values()), {}).get("demo-chat", {})
+            if counts.get("requests") == requests:
+                break
+            await asyncio.sleep(0.1)
+        return counts
+    finally:
+        await store.close()
+
+
+async def test_a_whole_stream_is_billed_what_vllm_counts_without_usage_in_its_chunks(platform, redis_server):
+    """The replica counts a stream's tokens as vLLM does for its usage and sends the counts beside the chunks:
+    a stream whose client asked for no usage is billed exactly what the same request answered whole reports,
+    for every choice (n=2) and every prompt of a completions request, and its chunks carry no usage."""
+    key = await _new_key(redis_server, "billed-streams", tpm=10**6)
+    headers = {"authorization": f"Bearer {key}", **NO_CACHE}
+    chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "bill me " * 20}], "n": 2,
+            "max_tokens": 7, "ignore_eos": True, "temperature": 0.5}
+    completion = {"model": "demo-chat", "prompt": ["one prompt", "and another, longer prompt"], "max_tokens": 5,
+                  "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=platform, timeout=60, headers=headers) as http:
+        whole = [(await http.post(path, json=body)).json()["usage"]
+                 for path, body in (("/chat/completions", chat), ("/completions", completion))]
+        for path, body in (("/chat/completions", chat), ("/completions", completion)):
+            async with http.stream("POST", path, json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+            assert lines and not any('"usage"' in line for line in lines)
+    counts = await _usage_of(redis_server, key, 4)
+    assert counts["requests"] == 4
+    assert whole[0]["completion_tokens"] == 14 and whole[1]["completion_tokens"] == 10
+    # each stream billed as its whole twin: the totals are twice the whole answers'
+    assert counts["prompt_tokens"] == 2 * (whole[0]["prompt_tokens"] + whole[1]["prompt_tokens"])
+    assert counts["completion_tokens"] == 2 * (14 + 10)
+
+
 def test_streamed_request_replays_the_cached_answer(platform):
     client = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0)
     args = dict(model="demo-chat", messages=[{"role": "user", "content": f"cache me {time.time()}"}],
