@@ -551,6 +551,44 @@ async def test_stream_stalling_mid_way_times_out_in_band() -> None:
     assert response.headers["x-request-id"] in engine.aborted
 
 
+async def test_a_streams_deadline_is_one_timer_that_leaves_other_cancellations_alone() -> None:
+    """relay.Deadline: past the deadline a wait raises TimeoutError (also one begun after it passed) and the
+    task is not left cancelled; a cancellation from elsewhere stays a CancelledError."""
+    from serving.gateway.relay import Deadline
+
+    class Tap:
+        def reported(self, usage):
+            pass
+
+    async def stalls():
+        yield "data: {}\n\n"
+        await asyncio.sleep(30)
+        yield "never"
+
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop.time() + 0.2)
+    stream = stalls()
+    assert await deadline.next(stream, Tap()) == "data: {}\n\n"
+    with pytest.raises(TimeoutError):
+        await deadline.next(stream, Tap())
+    assert asyncio.current_task().cancelling() == 0  # the deadline's cancellation was taken back
+    with pytest.raises(TimeoutError):  # passed already: at once, no wait
+        await asyncio.wait_for(deadline.next(stalls(), Tap()), 1)
+
+    waiting = Deadline(loop.time() + 30)
+    task = asyncio.create_task(waiting.next(stalls().__aiter__(), Tap()))
+    await asyncio.sleep(0.05)
+    assert task.done() and task.result() == "data: {}\n\n"
+    stalled = stalls()
+    await anext(stalled)
+    task = asyncio.create_task(waiting.next(stalled, Tap()))
+    await asyncio.sleep(0.05)
+    task.cancel()  # the client left: not a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    waiting.cancel()
+
+
 # ------------------------------------------------------------------------------------ request ids
 
 
