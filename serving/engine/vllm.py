@@ -147,7 +147,7 @@ class VLLMEngine:
         messages: asyncio.Queue = asyncio.Queue()
         disconnected = asyncio.Event()
         scope = _scope(PATHS[route], request_id)
-        counts = TokenCounts()
+        counts = None if _beam_search(body) else TokenCounts()
         reset = _COUNTS.set(counts)
         try:
             task = asyncio.create_task(self._app(scope, _receiver(body, disconnected), messages.put))
@@ -305,9 +305,21 @@ async def _read_body(messages: asyncio.Queue) -> bytes:
     return b"".join(parts)
 
 
-async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts) -> AsyncIterator[str | Usage]:
+def _beam_search(body: bytes) -> bool:
+    """The request asks for beam search, which vLLM runs as one engine request per beam and step: those are
+    not the answer's tokens, so such a stream carries no counts (the gateway meters it from what it shows)."""
+    if b"use_beam_search" not in body:  # the common case: one substring search
+        return False
+    try:
+        return json.loads(body).get("use_beam_search") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts | None) -> AsyncIterator[str | Usage]:
     """SSE chunks as the app sends them; chunks already waiting go out together (never on a timer). The
-    stream's token counts go along (protocol.Usage): once the prompt's are known, and final before the last."""
+    stream's token counts go along (protocol.Usage): once the prompt's are known, and final before the last
+    (none when `counts` is None)."""
     ended = False
     reported = 0  # the prompt tokens last reported
     while not ended:
@@ -320,7 +332,9 @@ async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts) -> AsyncI
                 ended = True
             if message is not _END and message.get("body"):
                 parts.append(message["body"])
-        if ended and counts.seen:
+        if counts is None:
+            pass
+        elif ended and counts.seen:
             yield counts.usage(final=True)
         elif counts.prompt_tokens != reported:
             reported = counts.prompt_tokens

@@ -150,6 +150,27 @@ async def test_a_whole_stream_is_billed_what_vllm_counts_without_usage_in_its_ch
     assert counts["completion_tokens"] == 2 * (14 + 10)
 
 
+async def test_a_beam_search_stream_is_not_billed_its_internal_requests(platform, redis_server):
+    """vLLM runs beam search as one engine request per beam and step; the replica sends no counts for it, so
+    the stream is metered from what it shows (its prompt estimated from the body), not from those requests."""
+    key = await _new_key(redis_server, "beam-stream", tpm=10**6)
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "search " * 30}], "max_tokens": 8,
+            "use_beam_search": True, "n": 2, "stream": True}
+    async with httpx.AsyncClient(base_url=platform, timeout=60,
+                                 headers={"authorization": f"Bearer {key}", **NO_CACHE}) as http:
+        async with http.stream("POST", "/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+        whole = (await http.post("/chat/completions", json={**body, "stream": False, "use_beam_search": False,
+                                                            "n": 1, "max_tokens": 1})).json()["usage"]
+    assert events and not any('"error"' in event for event in events)
+    counts = await _usage_of(redis_server, key, 2)
+    streamed_prompt = counts["prompt_tokens"] - whole["prompt_tokens"]
+    # 8 steps x 2 beams would bill 16 prompts; the estimate from the body is within a small factor of one
+    assert 0 < streamed_prompt < 3 * whole["prompt_tokens"]
+    assert 0 < counts["completion_tokens"] - whole["completion_tokens"] <= len(events)
+
+
 def test_streamed_request_replays_the_cached_answer(platform):
     client = openai.OpenAI(base_url=platform, api_key=API_KEY, max_retries=0)
     args = dict(model="demo-chat", messages=[{"role": "user", "content": f"cache me {time.time()}"}],
