@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from loadtests import servers
+from loadtests.report import GLUED_MS
 from loadtests.workload import WORDS
 from serving.compare import Measured, StreamMeter, auth_headers, measure_body
 
@@ -52,7 +53,6 @@ GOALS = {"throughput_ratio_min": 0.9, "throughput_levels": (16, 64), "ttft_p50_d
 # the processes that serve (everything but the engine and the load generator), per server
 SERVING_ROLES = {"plain vLLM": ("vLLM API server",), "platform": ("gateway", "model replica", "ray other", "proxy",
                                                                   "other")}
-GLUED_MS = 0.5  # an inter-token gap shorter than this: the token arrived with the one before
 
 
 # ------------------------------------------------------------------------------------ load

@@ -321,7 +321,6 @@ async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts | None) ->
     stream's token counts go along (protocol.Usage): once the prompt's are known, and final before the last
     (none when `counts` is None)."""
     ended = False
-    reported = 0  # the prompt tokens last reported
     while not ended:
         batch = [await messages.get()]
         while not messages.empty():
@@ -332,13 +331,9 @@ async def _stream_chunks(messages: asyncio.Queue, counts: TokenCounts | None) ->
                 ended = True
             if message is not _END and message.get("body"):
                 parts.append(message["body"])
-        if counts is None:
-            pass
-        elif ended and counts.seen:
-            yield counts.usage(final=True)
-        elif counts.prompt_tokens != reported:
-            reported = counts.prompt_tokens
-            yield counts.usage(final=False)
+        due = counts.due(ended) if counts is not None else None
+        if due is not None:
+            yield due
         if parts:
             yield b"".join(parts).decode()
 
@@ -348,19 +343,27 @@ class TokenCounts:
     `usage`: a prompt's `prompt_token_ids` (and encoder prompt) once per engine request, each choice's
     generated `token_ids` (added up when outputs are deltas, as in a stream)."""
 
-    __slots__ = ("prompts", "completions", "seen")
+    __slots__ = ("prompts", "completions", "seen", "reported")
 
     def __init__(self) -> None:
         self.prompts: dict[str, int] = {}  # engine request id -> prompt tokens
         self.completions: dict[tuple[str, int], int] = {}  # (engine request id, choice index) -> tokens
         self.seen = False  # the engine produced an output
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(self.prompts.values())
+        self.reported = 0  # the prompt tokens last sent
 
     def usage(self, final: bool) -> Usage:
-        return Usage(self.prompt_tokens, sum(self.completions.values()), final)
+        return Usage(sum(self.prompts.values()), sum(self.completions.values()), final)
+
+    def due(self, ended: bool) -> Usage | None:
+        """The counts to send now: final once the answer ended (if the engine produced anything), else
+        when more of the prompt is known than was last sent; None when nothing new."""
+        if ended:
+            return self.usage(final=True) if self.seen else None
+        prompt = sum(self.prompts.values())
+        if prompt == self.reported:
+            return None
+        self.reported = prompt
+        return self.usage(final=False)
 
     def add(self, request_id: str, output: Any, delta: bool) -> None:
         """One RequestOutput of the engine request `request_id`."""

@@ -72,16 +72,23 @@ class Accounting:
             self.assembler.feed(chunk)
         return chunk
 
+    def said(self) -> tuple[int, int | None]:
+        """The prompt and completion tokens the stream's own events reported (0 / None: nothing)."""
+        return 0, None
+
     def stream_usage(self) -> dict[str, Any] | None:
         """A stream's usage: the engine's final counts; for a stream cut short (or an engine that reports
-        none) the prompt's tokens as reported (else estimated) and one token per event sent."""
+        none) the prompt's tokens as the stream said (`said`), else as the engine reported, else estimated,
+        and the completion's as the stream said, else one token per event sent (at least those reported)."""
+        prompt, completion = self.said()
         report = self.report
         if report is not None and report.final:
             return report.as_openai()
-        if not self.events and report is None:
+        if not (self.events or report or prompt or completion):
             return None  # nothing reached the engine's output: nothing to bill
-        prompt = report.prompt_tokens if report is not None and report.prompt_tokens else self.prompt_estimate
-        completion = max(self.events, report.completion_tokens if report is not None else 0)
+        prompt = prompt or (report.prompt_tokens if report is not None else 0) or self.prompt_estimate
+        if completion is None:
+            completion = max(self.events, report.completion_tokens if report is not None else 0)
         return Usage(prompt, completion).as_openai()
 
     def end(self) -> None:
@@ -169,14 +176,5 @@ class EventAccounting(Accounting):
             return event
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}"
 
-    def end(self) -> None:
-        if self.usage is None and self.report is not None and self.report.final:
-            self.usage = self.report.as_openai()  # the stream ended without its terminal event
-        elif self.usage is None and (self.events or self.input_tokens or self.output_tokens or self.report):
-            reported = self.report.prompt_tokens if self.report is not None else 0
-            prompt = self.input_tokens or reported or self.prompt_estimate
-            output = self.output_tokens if self.output_tokens is not None else \
-                max(self.events, self.report.completion_tokens if self.report is not None else 0)
-            self.usage = Usage(prompt, output).as_openai()
-        self.admission.settle(self.model, self.usage, cached=False)
-        self.watch.finish(200, self.usage)
+    def said(self) -> tuple[int, int | None]:
+        return self.input_tokens, self.output_tokens

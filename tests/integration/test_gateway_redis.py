@@ -29,6 +29,22 @@ async def _new_key(redis_server, name: str, **limits) -> str:
         await store.close()
 
 
+async def _usage_of(redis_server, key: str, requests: int) -> dict:
+    """The key's recorded usage of demo-chat once `requests` requests are in (usage is recorded after the answer)."""
+    store = _store(redis_server)
+    try:
+        deadline = time.monotonic() + 10
+        counts: dict = {}
+        while time.monotonic() < deadline:
+            counts = next(iter((await store.usage_get(digest(key))).values()), {}).get("demo-chat", {})
+            if counts.get("requests") == requests:
+                break
+            await asyncio.sleep(0.1)
+        return counts
+    finally:
+        await store.close()
+
+
 def test_api_requires_a_key(platform):
     response = httpx.get(f"{platform}/models")
     assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
@@ -92,36 +108,11 @@ async def test_a_stream_cut_short_counts_its_prompt_tokens(platform, redis_serve
     assert whole.status_code == 200
     prompt = whole.json()["usage"]["prompt_tokens"]
     assert prompt > 100
-    store = _store(redis_server)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            counts = next(iter((await store.usage_get(digest(key))).values()), {}).get("demo-chat", {})
-            if counts.get("requests") == 2:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await store.close()
+    counts = await _usage_of(redis_server, key, 2)
     assert counts["requests"] == 2
     assert counts["prompt_tokens"] == 2 * prompt  # the cut stream's prompt is counted, as the whole request's
     # the cut stream's tokens: what the client got (the role chunk and 3 or more tokens), not its 1,500
     assert 3 <= counts["completion_tokens"] - 1 < 1000
-
-
-async def _usage_of(redis_server, key: str, requests: int) -> dict:
-    """The key's recorded usage of demo-chat once `requests` requests are in (usage is recorded after the answer)."""
-    store = _store(redis_server)
-    try:
-        deadline = time.monotonic() + 10
-        counts: dict = {}
-        while time.monotonic() < deadline:
-            counts = next(iter((await store.usage_get(digest(key))).values()), {}).get("demo-chat", {})
-            if counts.get("requests") == requests:
-                break
-            await asyncio.sleep(0.1)
-        return counts
-    finally:
-        await store.close()
 
 
 async def test_a_whole_stream_is_billed_what_vllm_counts_without_usage_in_its_chunks(platform, redis_server):
