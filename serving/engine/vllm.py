@@ -101,8 +101,8 @@ class VLLMEngine:
         """The LoRA adapters (served names) the engine holds loaded now: vLLM loads one on its first
         request and keeps up to max_loras on the device, max_cpu_loras in memory (least recently used
         go first)."""
-        if self._app is None or self._client is None:
-            return set()
+        if self._app is None or self._client is None or self._client.vllm_config.lora_config is None:
+            return set()  # a model without LoRA: vLLM's worker would raise (and log) for every question
         ids = await self._client.list_loras()
         known = self._app.state.openai_serving_models.lora_requests
         return {name for name, request in known.items() if request.lora_int_id in ids}

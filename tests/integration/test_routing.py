@@ -46,3 +46,18 @@ def test_an_adapter_loaded_at_runtime_answers_as_the_same_weights_configured(pla
     for _ in range(4):  # both gateway replicas (HAProxy spreads the calls)
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="demo-chat-runtime", messages=ASK["messages"], max_tokens=2)
+
+
+def test_a_model_without_lora_reports_no_adapters_without_asking_its_engine(platform, platform_config):
+    """Ray Serve asks every replica for its routing stats periodically; a model without LoRA (the embedding
+    model) answers none at once: vLLM's worker would raise 'LoRA is not enabled' (and log a stack trace) for
+    every question."""
+    from serving import raycompat
+
+    embed = next(m for m in platform_config.models if m.kind == "embed")
+    handle = raycompat.deployment_handle(embed.deployment_name, embed.app_name)
+    assert handle.record_routing_stats.remote().result(timeout_s=30) == {"adapters": []}
+    chat = next(m for m in platform_config.models if m.name == CHAT)
+    stats = raycompat.deployment_handle(chat.deployment_name, chat.app_name).record_routing_stats.remote()
+    adapters = stats.result(timeout_s=30)["adapters"]  # LoRA on: its engine is asked (static and runtime ones)
+    assert isinstance(adapters, list) and all(name.startswith(CHAT) for name in adapters)
